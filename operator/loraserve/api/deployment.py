@@ -1,0 +1,290 @@
+"""The `Deployment` CRD: a pool of GPU replicas running vLLM for one base model."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from loraserve.api.common import (
+    API_VERSION,
+    DNS1123_PATTERN,
+    MODEL_URI_DESCRIPTION,
+    MODEL_URI_PATTERN,
+    ApiModel,
+    Condition,
+    EnvVar,
+    cel,
+    check_duration,
+    duration_cel,
+    duration_field,
+)
+from loraserve.durations import MINUTE, SECOND, parse_duration
+
+MIN_SCALE_TO_ZERO_WINDOW = "5m"
+# Flags the operator sets itself; letting extraArgs repeat them would make the pod spec lie.
+RESERVED_VLLM_FLAGS = (
+    "--model",
+    "--port",
+    "--host",
+    "--served-model-name",
+    "--enable-lora",
+    "--max-loras",
+    "--max-lora-rank",
+    "--tensor-parallel-size",
+)
+
+
+class AcceleratorType(StrEnum):
+    NVIDIA_A100_80GB = "NVIDIA_A100_80GB"
+    NVIDIA_H100_80GB = "NVIDIA_H100_80GB"
+    AMD_MI300X_192GB = "AMD_MI300X_192GB"
+
+
+class DeploymentState(StrEnum):
+    CREATING = "CREATING"
+    READY = "READY"
+    UPDATING = "UPDATING"
+    SCALED_TO_ZERO = "SCALED_TO_ZERO"
+    FAILED = "FAILED"
+    DELETING = "DELETING"
+
+
+class ResourceList(ApiModel):
+    model_config = ConfigDict(extra="forbid")
+    cpu: str | None = Field(None, description="CPU quantity, e.g. 8 or 7500m.", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str | None = Field(
+        None, description="Memory quantity, e.g. 64Gi.", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+    )
+    ephemeral_storage: str | None = Field(
+        None,
+        alias="ephemeral-storage",
+        description="Scratch disk for downloaded weights, e.g. 200Gi.",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$",
+    )
+
+
+class Resources(ApiModel):
+    """CPU, memory and disk for the model server. GPUs come from acceleratorType/acceleratorCount."""
+
+    requests: ResourceList | None = Field(None, description="Guaranteed amounts.")
+    limits: ResourceList | None = Field(None, description="Upper bounds.")
+
+
+class DeploymentSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.baseModel) != has(self.modelVersion)",
+                    "set exactly one of baseModel (multi-LoRA or plain) or modelVersion (live merge)",
+                    ".baseModel",
+                ),
+                cel(
+                    "!has(self.modelVersion) || !self.enableAddons",
+                    "a live-merge deployment (modelVersion) cannot also enableAddons",
+                    ".enableAddons",
+                ),
+                cel(
+                    "!has(self.maxReplicas) || self.maxReplicas >= self.minReplicas",
+                    "maxReplicas must be greater than or equal to minReplicas",
+                    ".maxReplicas",
+                ),
+                cel(
+                    f"duration(self.scaleToZeroWindow) >= duration('{MIN_SCALE_TO_ZERO_WINDOW}')",
+                    f"scaleToZeroWindow must be at least {MIN_SCALE_TO_ZERO_WINDOW}",
+                    ".scaleToZeroWindow",
+                ),
+                duration_cel("scaleUpWindow"),
+                duration_cel("scaleDownWindow"),
+                cel(
+                    "!(self.acceleratorType == 'AMD_MI300X_192GB' && self.moe)",
+                    "AMD_MI300X_192GB does not serve mixture-of-experts models (moe: true)",
+                    ".acceleratorType",
+                ),
+                cel(
+                    "!self.longPrompt || !has(self.acceleratorCount) || self.acceleratorCount >= 2",
+                    "longPrompt needs acceleratorCount of at least 2",
+                    ".acceleratorCount",
+                ),
+                cel(
+                    "!has(self.maxLoras) || self.enableAddons",
+                    "maxLoras only applies with enableAddons",
+                    ".maxLoras",
+                ),
+            ]
+        }
+    )
+
+    base_model: str | None = Field(None, description=MODEL_URI_DESCRIPTION, pattern=MODEL_URI_PATTERN, max_length=512)
+    model_version: str | None = Field(
+        None,
+        description="Live merge: the name of a ModelVersion (same namespace) whose adapter is merged into its "
+        "base model's weights when a replica starts. The replica then serves one fine-tune with no adapter "
+        "overhead.",
+        pattern=DNS1123_PATTERN,
+        max_length=253,
+    )
+    moe: bool = Field(False, description="The base model is a mixture-of-experts model (AMD_MI300X refuses them).")
+    enable_addons: bool = Field(
+        False, description="Multi-LoRA: start vLLM with --enable-lora so LoraAddons load at run time."
+    )
+    max_loras: int | None = Field(
+        None, description="Adapters held in GPU memory at once (vLLM --max-loras; default 4).", ge=1, le=256
+    )
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="Largest adapter rank accepted (vLLM --max-lora-rank)."
+    )
+    replicas: int | None = Field(
+        None,
+        description="Desired replicas, written by the autoscaler (or kubectl scale) through the scale "
+        "subresource; the operator keeps the replicas within [minReplicas, maxReplicas].",
+        ge=0,
+    )
+    min_replicas: int = Field(0, description="Replicas kept however idle. 0 allows scale to zero.", ge=0, le=1000)
+    max_replicas: int | None = Field(
+        None, description="Upper bound for the autoscaler. Default: 1 when minReplicas is 0, else minReplicas.", ge=1
+    )
+    scale_up_window: str = duration_field(
+        "30s", "Go duration. Scale up only to a level the load asked for through this whole window."
+    )
+    scale_down_window: str = duration_field(
+        "10m", "Go duration. Scale down only to the highest level the load asked for within this window."
+    )
+    scale_to_zero_window: str = duration_field(
+        "1h",
+        "Go duration, at least 5m. With minReplicas 0: go to zero replicas after no request for this long. "
+        "Ignored when minReplicas > 0.",
+    )
+    target_load_per_replica: int = Field(
+        8, description="Concurrent requests (running + waiting) one replica should carry.", ge=1, le=10000
+    )
+    accelerator_type: AcceleratorType = Field(AcceleratorType.NVIDIA_A100_80GB, description="GPU type per replica.")
+    accelerator_count: Literal[1, 2, 4, 8] | None = Field(
+        None, description="GPUs per replica = tensor-parallel size. Default 1, or 2 with longPrompt."
+    )
+    long_prompt: bool = Field(False, description="Long-context serving: doubles GPUs per replica when unset.")
+    region: str | None = Field(
+        None,
+        description="Node region (topology.kubernetes.io/region). Fixed at creation.",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="More vLLM server flags, passed through as given. Flags the operator sets are refused.",
+        max_length=64,
+        json_schema_extra={
+            "items": {"type": "string", "maxLength": 1024},
+            "x-kubernetes-validations": [
+                cel(
+                    "self.all(a, "
+                    + " && ".join(f"!(a == '{f}' || a.startsWith('{f}='))" for f in RESERVED_VLLM_FLAGS)
+                    + ")",
+                    "extraArgs must not set flags the operator owns: " + ", ".join(RESERVED_VLLM_FLAGS),
+                )
+            ],
+        },
+    )
+    resources: Resources | None = Field(None, description="CPU, memory and disk for the model server.")
+    env: list[EnvVar] = Field(
+        default_factory=list, description="Extra environment for the model server.", max_length=64
+    )
+    credentials_secret: str | None = Field(
+        None,
+        description="Secret (same namespace) holding credentials for the model source: HF_TOKEN, or "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Never copied into the CR or logs.",
+        pattern=DNS1123_PATTERN,
+        max_length=253,
+    )
+
+    @field_validator("scale_up_window", "scale_down_window", "scale_to_zero_window")
+    @classmethod
+    def _go_duration(cls, value: str) -> str:
+        return check_duration(value)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> DeploymentSpec:
+        # The same rules as the CEL above, so the SDK/CLI refuse what admission would.
+        if (self.base_model is None) == (self.model_version is None):
+            raise ValueError("baseModel: set exactly one of baseModel or modelVersion")
+        if self.model_version is not None and self.enable_addons:
+            raise ValueError("enableAddons: a live-merge deployment (modelVersion) cannot also enableAddons")
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError("maxReplicas: must be greater than or equal to minReplicas")
+        if parse_duration(self.scale_to_zero_window) < 5 * MINUTE:
+            raise ValueError(f"scaleToZeroWindow: must be at least {MIN_SCALE_TO_ZERO_WINDOW}")
+        if self.accelerator_type is AcceleratorType.AMD_MI300X_192GB and self.moe:
+            raise ValueError("acceleratorType: AMD_MI300X_192GB does not serve mixture-of-experts models")
+        if self.long_prompt and self.accelerator_count is not None and self.accelerator_count < 2:
+            raise ValueError("acceleratorCount: longPrompt needs at least 2")
+        if self.max_loras is not None and not self.enable_addons:
+            raise ValueError("maxLoras: only applies with enableAddons")
+        for arg in self.extra_args:
+            if arg.split("=", 1)[0] in RESERVED_VLLM_FLAGS:
+                raise ValueError(f"extraArgs: {arg.split('=', 1)[0]} is set by the operator")
+        return self
+
+    @property
+    def effective_max_replicas(self) -> int:
+        if self.max_replicas is not None:
+            return self.max_replicas
+        return 1 if self.min_replicas == 0 else self.min_replicas
+
+    @property
+    def effective_accelerator_count(self) -> int:
+        if self.accelerator_count is not None:
+            return self.accelerator_count
+        return 2 if self.long_prompt else 1
+
+    @property
+    def effective_max_loras(self) -> int:
+        return self.max_loras if self.max_loras is not None else 4
+
+    @property
+    def live_merge(self) -> bool:
+        return self.model_version is not None
+
+    def window_seconds(self) -> tuple[float, float, float]:
+        """(scale-up, scale-down, scale-to-zero) windows in seconds."""
+        return tuple(  # type: ignore[return-value]
+            parse_duration(w) / SECOND
+            for w in (self.scale_up_window, self.scale_down_window, self.scale_to_zero_window)
+        )
+
+
+class DeploymentStatus(ApiModel):
+    observed_generation: int | None = Field(None, description="The spec generation this status describes.")
+    state: DeploymentState | None = Field(
+        None, description="CREATING, READY, UPDATING, SCALED_TO_ZERO, FAILED or DELETING."
+    )
+    message: str | None = Field(None, description="Why the deployment is in this state.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Reconciling and Stalled (kstatus).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    replicas: int | None = Field(None, description="Replicas that exist (scale subresource).")
+    ready_replicas: int | None = Field(None, description="Replicas ready to serve.")
+    desired_replicas: int | None = Field(None, description="Replicas the operator asks for.")
+    selector: str | None = Field(None, description="Label selector of the replicas (scale subresource).")
+    endpoint: str | None = Field(None, description="In-cluster URL of the replicas' Service.")
+    accelerator: str | None = Field(
+        None, description="Accelerator type and count per replica, e.g. NVIDIA_A100_80GB x2."
+    )
+    last_request_time: datetime | None = Field(None, description="Last request seen by the router (idle clocks).")
+    last_scale_time: datetime | None = Field(None, description="When replicas last changed.")
+    scale_reason: str | None = Field(None, description="Why replicas last changed.")
+    gpu_seconds: float | None = Field(None, description="Ready replicas x accelerators x seconds, accumulated.")
+
+
+class Deployment(ApiModel):
+    """A pool of GPU replicas running vLLM for one base model (multi-LoRA) or one merged fine-tune."""
+
+    api_version: Literal["serving.loraserve.dev/v1alpha1"] = API_VERSION
+    kind: Literal["Deployment"] = "Deployment"
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: DeploymentSpec
+    status: DeploymentStatus | None = None
