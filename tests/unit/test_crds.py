@@ -119,7 +119,9 @@ def test_cross_field_rules_are_in_the_schema(repo_root: Path) -> None:
 
     deployment = rules("serving.loraserve.dev_deployments.yaml")
     assert "self.maxReplicas >= self.minReplicas" in deployment
-    assert "duration(self.scaleToZeroWindow) >= duration('5m')" in deployment
+    window = _crds(repo_root)["serving.loraserve.dev_deployments.yaml"]["spec"]["versions"][0]["schema"]
+    zero = window["openAPIV3Schema"]["properties"]["spec"]["properties"]["scaleToZeroWindow"]
+    assert zero["x-kubernetes-validations"][0]["rule"] == "duration(self) >= duration('5m')"
     assert "AMD_MI300X_192GB" in deployment
     assert "self == oldSelf" in rules("serving.loraserve.dev_modelversions.yaml")
     assert "sum() == 100" in rules("serving.loraserve.dev_loraaddons.yaml")

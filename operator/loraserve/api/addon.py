@@ -15,7 +15,6 @@ from loraserve.api.common import (
     Condition,
     cel,
     check_duration,
-    duration_cel,
     duration_field,
 )
 
@@ -39,8 +38,6 @@ class AddonTarget(ApiModel):
 
 class AutoRollback(ApiModel):
     """Flip traffic back to the previous targets when the new version misbehaves."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [duration_cel("window")]})
 
     max_error_rate: float = Field(
         description="Error fraction (0-1) over the window that triggers rollback.", ge=0, le=1

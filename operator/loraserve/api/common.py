@@ -46,14 +46,17 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def duration_field(default: str, description: str) -> Any:
-    """A Go duration string: the pattern for admission, plus a CEL rule (below) that catches overflow."""
-    return Field(default, description=description, pattern=NON_NEGATIVE_DURATION_PATTERN, max_length=32)
-
-
-def duration_cel(field: str) -> JsonDict:
-    # CEL's duration() is Go's own parser, so it refuses what the pattern cannot see: overflow.
-    return cel(f"duration(self.{field}) >= duration('0s')", f"{field} is not a valid duration", f".{field}")
+def duration_field(default: str, description: str, minimum: str = "0s") -> Any:
+    """A Go duration string: the pattern for admission, plus a CEL rule on the field itself, because CEL's
+    duration() is Go's own parser and refuses what no pattern can see (overflow)."""
+    rule = cel(f"duration(self) >= duration('{minimum}')", f"must be a Go duration of at least {minimum}")
+    return Field(
+        default,
+        description=description,
+        pattern=NON_NEGATIVE_DURATION_PATTERN,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-validations": [rule]},
+    )
 
 
 def check_duration(value: str) -> str:

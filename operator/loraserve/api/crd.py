@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from loraserve.api.addon import LoraAddonSpec, LoraAddonStatus
-from loraserve.api.common import CATEGORY, GROUP, VERSION
+from loraserve.api.common import CATEGORY, DNS1035_PATTERN, GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec, DeploymentStatus
 from loraserve.api.modelversion import ModelVersionSpec, ModelVersionStatus
 
@@ -31,13 +31,13 @@ class Kind:
     description: str
     spec: type[BaseModel]
     status: type[BaseModel]
-    columns: list[dict[str, str]]
+    columns: list[dict[str, Any]]
     max_name_length: int
     scale: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _age() -> dict[str, str]:
+def _age() -> dict[str, Any]:
     return {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 
 
@@ -71,7 +71,7 @@ KINDS: list[Kind] = [
             {"name": "Deployment", "type": "string", "jsonPath": ".status.deployment"},
             {"name": "Versions", "type": "string", "jsonPath": ".status.versions"},
             {"name": "State", "type": "string", "jsonPath": ".status.state"},
-            {"name": "Loaded", "type": "integer", "jsonPath": ".status.loadedReplicas", "priority": "1"},
+            {"name": "Loaded", "type": "integer", "jsonPath": ".status.loadedReplicas", "priority": 1},
             _age(),
         ],
         # The served adapter name is <addon>-<version>.
@@ -88,7 +88,7 @@ KINDS: list[Kind] = [
             {"name": "Version", "type": "string", "jsonPath": ".spec.version"},
             {"name": "Base", "type": "string", "jsonPath": ".spec.baseModel.name"},
             {"name": "Adapter", "type": "string", "jsonPath": ".spec.adapter.uri"},
-            {"name": "State", "type": "string", "jsonPath": ".status.state", "priority": "1"},
+            {"name": "State", "type": "string", "jsonPath": ".status.state", "priority": 1},
             _age(),
         ],
         max_name_length=48,
@@ -154,25 +154,20 @@ def crd(kind: Kind) -> Schema:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": kind.max_name_length,
+                        # DNS-1035: the name becomes Service and pod names.
+                        "pattern": DNS1035_PATTERN,
+                    }
+                },
+            },
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.metadata.name.size() <= {kind.max_name_length}",
-                "message": f"metadata.name must be at most {kind.max_name_length} characters",
-                "fieldPath": ".metadata.name",
-                "reason": "FieldValueInvalid",
-            },
-            {
-                "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-                "message": "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', "
-                "starting with a letter",
-                "fieldPath": ".metadata.name",
-                "reason": "FieldValueInvalid",
-            },
-        ],
     }
     subresources: Schema = {"status": {}}
     if kind.scale:

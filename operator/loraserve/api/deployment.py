@@ -18,7 +18,6 @@ from loraserve.api.common import (
     EnvVar,
     cel,
     check_duration,
-    duration_cel,
     duration_field,
 )
 from loraserve.durations import MINUTE, SECOND, parse_duration
@@ -93,13 +92,6 @@ class DeploymentSpec(ApiModel):
                     ".maxReplicas",
                 ),
                 cel(
-                    f"duration(self.scaleToZeroWindow) >= duration('{MIN_SCALE_TO_ZERO_WINDOW}')",
-                    f"scaleToZeroWindow must be at least {MIN_SCALE_TO_ZERO_WINDOW}",
-                    ".scaleToZeroWindow",
-                ),
-                duration_cel("scaleUpWindow"),
-                duration_cel("scaleDownWindow"),
-                cel(
                     "!(self.acceleratorType == 'AMD_MI300X_192GB' && self.moe)",
                     "AMD_MI300X_192GB does not serve mixture-of-experts models (moe: true)",
                     ".acceleratorType",
@@ -108,6 +100,11 @@ class DeploymentSpec(ApiModel):
                     "!self.longPrompt || !has(self.acceleratorCount) || self.acceleratorCount >= 2",
                     "longPrompt needs acceleratorCount of at least 2",
                     ".acceleratorCount",
+                ),
+                cel(
+                    "has(self.region) == has(oldSelf.region) && (!has(self.region) || self.region == oldSelf.region)",
+                    "region is fixed at creation",
+                    ".region",
                 ),
                 cel(
                     "!has(self.maxLoras) || self.enableAddons",
@@ -157,6 +154,7 @@ class DeploymentSpec(ApiModel):
         "1h",
         "Go duration, at least 5m. With minReplicas 0: go to zero replicas after no request for this long. "
         "Ignored when minReplicas > 0.",
+        minimum=MIN_SCALE_TO_ZERO_WINDOW,
     )
     target_load_per_replica: int = Field(
         8, description="Concurrent requests (running + waiting) one replica should carry.", ge=1, le=10000

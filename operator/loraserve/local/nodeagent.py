@@ -1,0 +1,280 @@
+"""Fake GPU nodes for the local runtime: what a kubelet would do, minus containers.
+
+Nodes labelled `serving.loraserve.dev/local-node=true` get heartbeats (Lease + Ready condition), so the
+node-lifecycle controller keeps them schedulable. Every pod the scheduler binds to them is reported Running
+and Ready with an IP from the node's podCIDR; a deleted pod is removed at once. GPU capacity is real to the
+scheduler (`nvidia.com/gpu`, `amd.com/gpu`), so a pod that asks for GPUs nobody has stays Pending as
+Unschedulable, exactly as in a GPU cluster out of stock.
+
+    python -m loraserve.local.nodeagent --kubeconfig KUBECONFIG
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config, watch
+
+LOCAL_NODE_LABEL = "serving.loraserve.dev/local-node"
+ACCELERATOR_LABEL = "serving.loraserve.dev/accelerator"
+REGION_LABEL = "topology.kubernetes.io/region"
+GPU_RESOURCE = {
+    "NVIDIA_A100_80GB": "nvidia.com/gpu",
+    "NVIDIA_H100_80GB": "nvidia.com/gpu",
+    "AMD_MI300X_192GB": "amd.com/gpu",
+}
+HEARTBEAT_SECONDS = 5.0
+log = logging.getLogger("loraserve.nodeagent")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def node_manifest(name: str, accelerator: str, gpus: int, region: str, pod_cidr: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                LOCAL_NODE_LABEL: "true",
+                ACCELERATOR_LABEL: accelerator,
+                REGION_LABEL: region,
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+            },
+        },
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+    }
+
+
+def node_status(accelerator: str, gpus: int) -> dict[str, Any]:
+    capacity = {
+        "cpu": "64",
+        "memory": "512Gi",
+        "pods": "110",
+        "ephemeral-storage": "1Ti",
+        GPU_RESOURCE[accelerator]: str(gpus),
+    }
+    return {
+        "capacity": capacity,
+        "allocatable": capacity,
+        "conditions": [_ready_condition()],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "nodeInfo": {
+            "architecture": "amd64",
+            "operatingSystem": "linux",
+            "kubeletVersion": "v1.36.3",
+            "kubeProxyVersion": "",
+            "containerRuntimeVersion": "loraserve-local://0",
+            "kernelVersion": "",
+            "osImage": "loraserve local node",
+            "machineID": "",
+            "systemUUID": "",
+            "bootID": "",
+        },
+    }
+
+
+def _ready_condition() -> dict[str, str]:
+    now = _now()
+    return {
+        "type": "Ready",
+        "status": "True",
+        "reason": "KubeletReady",
+        "message": "loraserve local node agent is posting ready status",
+        "lastHeartbeatTime": now,
+        "lastTransitionTime": now,
+    }
+
+
+def register_node(core: Any, name: str, accelerator: str, gpus: int, region: str, pod_cidr: str) -> None:
+    """Create (or keep) a fake GPU node; the agent then keeps it Ready."""
+    try:
+        core.create_node(node_manifest(name, accelerator, gpus, region, pod_cidr))
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+    core.patch_node_status(name, {"status": node_status(accelerator, gpus)})
+
+
+class NodeAgent:
+    def __init__(self, api: client.ApiClient) -> None:
+        # The client's generated types add nothing here: the agent speaks plain dict patches.
+        self.core: Any = client.CoreV1Api(api)
+        self.coordination: Any = client.CoordinationV1Api(api)
+        self.stopped = threading.Event()
+        self._next_ip: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- nodes --------------------------------------------------------------------------------------------
+    def local_nodes(self) -> list[Any]:
+        return list(self.core.list_node(label_selector=f"{LOCAL_NODE_LABEL}=true").items)
+
+    def heartbeat_once(self) -> None:
+        for node in self.local_nodes():
+            name = node.metadata.name
+            conditions = [c for c in (node.status.conditions or []) if c.type == "Ready"]
+            ready = _ready_condition()
+            if conditions and conditions[0].status == "True":
+                ready["lastTransitionTime"] = conditions[0].last_transition_time.strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.core.patch_node_status(name, {"status": {"conditions": [ready]}})
+            self._renew_lease(name, node.metadata.uid)
+
+    def _renew_lease(self, name: str, uid: str) -> None:
+        now = datetime.now(UTC)
+        body = {
+            "metadata": {
+                "name": name,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}],
+            },
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now.isoformat()},
+        }
+        try:
+            self.coordination.patch_namespaced_lease(name, "kube-node-lease", body)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.coordination.create_namespaced_lease("kube-node-lease", body)
+
+    def heartbeat_loop(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.heartbeat_once()
+            except Exception:  # keep beating: a transient apiserver error must not kill the node
+                log.exception("heartbeat failed")
+            self.stopped.wait(HEARTBEAT_SECONDS)
+
+    # -- pods ---------------------------------------------------------------------------------------------
+    def allocate_ip(self, node: Any) -> str:
+        network = ipaddress.ip_network(node.spec.pod_cidr)
+        with self._lock:
+            n = self._next_ip.get(node.metadata.name, 2)
+            self._next_ip[node.metadata.name] = n + 1
+        return str(network[n % (network.num_addresses - 2) + 1])
+
+    def handle_pod(self, pod: Any, nodes: dict[str, Any]) -> None:
+        node = nodes.get(pod.spec.node_name or "")
+        if node is None:
+            return
+        if pod.metadata.deletion_timestamp is not None:
+            try:
+                self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+            return
+        if pod.status.phase == "Running":
+            return
+        self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, self.running_status(pod, node))
+
+    def running_status(self, pod: Any, node: Any) -> dict[str, Any]:
+        now = _now()
+        ip = self.allocate_ip(node)
+        started = {"running": {"startedAt": now}}
+        containers = [
+            {
+                "name": c.name,
+                "image": c.image,
+                "imageID": c.image,
+                "ready": True,
+                "started": True,
+                "restartCount": 0,
+                "state": started,
+            }
+            for c in pod.spec.containers
+        ]
+        inits = [
+            {
+                "name": c.name,
+                "image": c.image,
+                "imageID": c.image,
+                "ready": True,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}},
+            }
+            for c in (pod.spec.init_containers or [])
+        ]
+        conditions = [
+            {"type": t, "status": "True", "lastTransitionTime": now}
+            for t in ("PodScheduled", "Initialized", "PodReadyToStartContainers", "ContainersReady", "Ready")
+        ]
+        return {
+            "status": {
+                "phase": "Running",
+                "hostIP": "127.0.0.1",
+                "hostIPs": [{"ip": "127.0.0.1"}],
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "startTime": now,
+                "conditions": conditions,
+                "containerStatuses": containers,
+                "initContainerStatuses": inits,
+            }
+        }
+
+    def pod_loop(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                nodes = {n.metadata.name: n for n in self.local_nodes()}
+                pods = self.core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=")
+                for pod in pods.items:
+                    self.handle_pod(pod, nodes)
+                watcher: Any = watch.Watch()
+                stream = watcher.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector="spec.nodeName!=",
+                    resource_version=pods.metadata.resource_version,
+                    timeout_seconds=30,
+                )
+                for event in stream:
+                    if self.stopped.is_set():
+                        return
+                    pod = event["object"]
+                    if event["type"] != "DELETED":
+                        if pod.spec.node_name not in nodes:
+                            nodes = {n.metadata.name: n for n in self.local_nodes()}
+                        self.handle_pod(pod, nodes)
+            except Exception:  # a watch that expires or errors is simply started again
+                log.exception("pod watch failed; relisting")
+                self.stopped.wait(1)
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=t, daemon=True) for t in (self.heartbeat_loop, self.pod_loop)]
+        for t in threads:
+            t.start()
+        while not self.stopped.is_set():
+            self.stopped.wait(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loraserve.local.nodeagent", description=__doc__)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="NAME=ACCELERATOR:GPUS:REGION",
+        help="register a node, e.g. gpu-a100-0=NVIDIA_A100_80GB:8:us-east-1 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    api = config.new_client_from_config(args.kubeconfig)  # type: ignore[no-untyped-call]
+    core: Any = client.CoreV1Api(api)
+    for i, item in enumerate(args.node):
+        name, rest = item.split("=", 1)
+        accelerator, gpus, region = rest.split(":")
+        register_node(core, name, accelerator, int(gpus), region, f"10.244.{i + 1}.0/24")
+    NodeAgent(api).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Fixtures on real parts: the local control plane (etcd, kube-apiserver, controller-manager, scheduler)
+with fake GPU nodes, started once per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraserve.local.cluster import LocalCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    local.start()
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraserve.local.nodeagent",
+            "--kubeconfig",
+            str(local.kubeconfig),
+            "--node",
+            "gpu-a100-0=NVIDIA_A100_80GB:8:us-east-1",
+            "--node",
+            "gpu-h100-0=NVIDIA_H100_80GB:8:us-east-1",
+        ],
+        stdout=open(local.workdir / "logs" / "nodeagent.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        local.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        local.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(ROOT / "crds"))
+        yield local
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        local.stop()
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, message: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
