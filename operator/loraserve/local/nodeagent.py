@@ -227,7 +227,7 @@ class NodeAgent:
                 pods = self.core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=")
                 for pod in pods.items:
                     self.handle_pod(pod, nodes)
-                watcher: Any = watch.Watch()
+                watcher: Any = watch.Watch()  # type: ignore[no-untyped-call]
                 stream = watcher.stream(
                     self.core.list_pod_for_all_namespaces,
                     field_selector="spec.nodeName!=",
