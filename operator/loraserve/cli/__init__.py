@@ -1,0 +1,1 @@
+"""The `loraserve` command line."""

@@ -1,0 +1,110 @@
+"""Deployment CR -> apps/v1 Deployment + Service of vLLM pods, and honest status."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from loraserve.api.common import GROUP, VERSION
+from loraserve.api.deployment import DeploymentSpec
+from loraserve.api.modelversion import ModelVersionSpec
+from loraserve.api.naming import child_name, selector_labels
+from loraserve.kube import Kube
+from loraserve.resources.model_server import build_deployment, build_service, desired_replicas
+from loraserve.resources.settings import ManifestSettings
+from loraserve.status import Observed, compute_status
+
+RESYNC_SECONDS = 2.0
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube()
+    return _kube
+
+
+def _stalled(patch: kopf.Patch, generation: int, reason: str, message: str) -> None:
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    patch.status["observedGeneration"] = generation
+    patch.status["state"] = "FAILED"
+    patch.status["message"] = f"{reason}: {message}"
+    patch.status["conditions"] = [
+        {"type": "Ready", "status": "False", "reason": reason, "message": message, "lastTransitionTime": now},
+        {"type": "Reconciling", "status": "False", "reason": reason, "message": message, "lastTransitionTime": now},
+        {"type": "Stalled", "status": "True", "reason": reason, "message": message, "lastTransitionTime": now},
+    ]
+
+
+def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
+    name, namespace = body.metadata.name, body.metadata.namespace
+    assert name is not None
+    assert namespace is not None
+    uid = body.metadata.uid or ""
+    generation = int(body.metadata.get("generation") or 0)
+    previous = dict(body.status or {})
+    try:
+        spec = DeploymentSpec.model_validate(dict(body.spec))
+    except ValidationError as exc:  # admission should have refused it; say so instead of crashing
+        _stalled(patch, generation, "InvalidSpec", str(exc).replace("\n", " "))
+        return
+    merge_source: ModelVersionSpec | None = None
+    if spec.model_version is not None:
+        version = kube().get_custom("modelversions", spec.model_version, namespace)
+        if version is None:
+            message = f"ModelVersion {spec.model_version!r} not found in namespace {namespace}"
+            if previous.get("message") != f"ModelVersionNotFound: {message}":
+                kopf.warn(body, reason="ModelVersionNotFound", message=message)
+            _stalled(patch, generation, "ModelVersionNotFound", message)
+            return
+        merge_source = ModelVersionSpec.model_validate(version["spec"])
+    settings = ManifestSettings.from_env()
+    desired = desired_replicas(spec)
+    if kube().apply_deployment_child(build_deployment(name, namespace, uid, spec, settings, merge_source)):
+        logger.info(f"applied apps/v1 Deployment {child_name(name)} (replicas {desired})")
+    if kube().apply_service(build_service(name, namespace, uid, spec, settings)):
+        logger.info(f"applied Service {child_name(name)}")
+    observed = Observed(
+        child=kube().get_deployment_child(child_name(name), namespace),
+        pods=kube().list_pods(namespace, selector_labels(name)),
+    )
+    status = compute_status(spec, generation, desired, observed, previous, datetime.now(UTC))
+    status["selector"] = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+    status["endpoint"] = f"http://{child_name(name)}.{namespace}.svc:8000"
+    _report_transition(body, previous, status)
+    changed = {k: v for k, v in status.items() if previous.get(k) != v}
+    for key, value in changed.items():
+        patch.status[key] = value
+
+
+def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[str, Any]) -> None:
+    """An Event when the state changes: what a person watching `kubectl describe` must know."""
+    if (
+        previous.get("state") == status["state"]
+        and previous.get("message", "").split(":")[0] == status["message"].split(":")[0]
+    ):
+        return
+    if status["state"] == "FAILED" or any(
+        c["type"] == "Stalled" and c["status"] == "True" for c in status["conditions"]
+    ):
+        reason = next(c["reason"] for c in status["conditions"] if c["type"] == "Stalled")
+        kopf.warn(body, reason=reason, message=status["message"])
+    elif previous.get("state") != status["state"]:
+        kopf.info(body, reason=status["state"].title().replace("_", ""), message=status["message"])
+
+
+@kopf.on.resume(GROUP, VERSION, "deployments")
+@kopf.on.create(GROUP, VERSION, "deployments")
+@kopf.on.update(GROUP, VERSION, "deployments", field="spec")
+def deployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    reconcile(body, patch, logger)
+
+
+@kopf.timer(GROUP, VERSION, "deployments", interval=RESYNC_SECONDS, sharp=True)
+def deployment_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    # Status follows the child (pods becoming ready, stockouts clearing); applying is a no-op when nothing changed.
+    reconcile(body, patch, logger)

@@ -1,0 +1,93 @@
+"""The one place the operator talks to the Kubernetes API (besides Kopf itself): thin wrappers around
+the official client, with server-side apply for the objects the operator owns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes import client, config
+
+from loraserve.api.common import GROUP, VERSION
+from loraserve.resources.model_server import SPEC_HASH_ANNOTATION
+
+FIELD_MANAGER = "loraserve-operator"
+APPLY = "application/apply-patch+yaml"
+
+
+def load_config() -> None:
+    """In a pod: the service account. Elsewhere: KUBECONFIG / ~/.kube/config."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        self.api = api or client.ApiClient()
+        self.core: Any = client.CoreV1Api(self.api)
+        self.apps: Any = client.AppsV1Api(self.api)
+        self.custom: Any = client.CustomObjectsApi(self.api)
+
+    def _get(self, read: Any, name: str, namespace: str) -> dict[str, Any] | None:
+        try:
+            obj = read(name, namespace)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        result: dict[str, Any] = self.api.sanitize_for_serialization(obj)
+        return result
+
+    def get_deployment_child(self, name: str, namespace: str) -> dict[str, Any] | None:
+        return self._get(self.apps.read_namespaced_deployment, name, namespace)
+
+    def get_service(self, name: str, namespace: str) -> dict[str, Any] | None:
+        return self._get(self.core.read_namespaced_service, name, namespace)
+
+    def apply_deployment_child(self, manifest: dict[str, Any]) -> bool:
+        """Server-side apply when the live object differs from what we want; True if it was written."""
+        meta = manifest["metadata"]
+        live = self.get_deployment_child(meta["name"], meta["namespace"])
+        if live is not None:
+            live_hash = (live["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+            if (
+                live_hash == meta["annotations"][SPEC_HASH_ANNOTATION]
+                and live["spec"].get("replicas") == manifest["spec"]["replicas"]
+            ):
+                return False
+        self.apps.patch_namespaced_deployment(
+            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
+        )
+        return True
+
+    def apply_service(self, manifest: dict[str, Any]) -> bool:
+        meta = manifest["metadata"]
+        live = self.get_service(meta["name"], meta["namespace"])
+        if live is not None and live["spec"].get("ports") and _same_ports(live, manifest):
+            return False
+        self.core.patch_namespaced_service(
+            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
+        )
+        return True
+
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
+        pods = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
+        return [self.api.sanitize_for_serialization(p) for p in pods.items]
+
+    def get_custom(self, plural: str, name: str, namespace: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
+
+
+def _same_ports(live: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    def key(svc: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return sorted((p.get("name"), p.get("port"), str(p.get("targetPort"))) for p in svc["spec"]["ports"])
+
+    return key(live) == key(manifest) and live["spec"].get("selector") == manifest["spec"]["selector"]

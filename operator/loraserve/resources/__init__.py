@@ -1,0 +1,1 @@
+"""Pure builders: Kubernetes objects (as dicts) from a loraserve CR. No I/O."""

@@ -1,0 +1,28 @@
+"""Operator-wide settings that shape the manifests (images, label keys). Read from the environment once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from loraserve import __version__
+
+
+@dataclass(frozen=True)
+class ManifestSettings:
+    model_server_image: str = f"loraserve/model-server:{__version__}"
+    accelerator_label: str = "serving.loraserve.dev/accelerator"
+    region_label: str = "topology.kubernetes.io/region"
+    fetcher_port: int = 8001
+    # How long a replica may take to load weights before Kubernetes restarts it (startup probe).
+    startup_seconds: int = 1800
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ManifestSettings:
+        env = dict(os.environ) if env is None else env
+        default = cls()
+        return cls(
+            model_server_image=env.get("LORASERVE_MODEL_SERVER_IMAGE", default.model_server_image),
+            accelerator_label=env.get("LORASERVE_ACCELERATOR_LABEL", default.accelerator_label),
+            region_label=env.get("LORASERVE_REGION_LABEL", default.region_label),
+        )

@@ -1,0 +1,143 @@
+"""Pure status decisions: from the observed child Deployment and its pods to the CR's state and
+kstatus conditions (Ready / Reconciling / Stalled), so Flux and Argo CD see true health."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from loraserve.api.deployment import DeploymentSpec, DeploymentState
+
+GPU_WORDS = re.compile(r"nvidia\.com/gpu|amd\.com/gpu|accelerator|node\(s\) didn't match")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the handler read: the child apps/v1 Deployment (or None) and its pods (dicts)."""
+
+    child: dict[str, Any] | None
+    pods: list[dict[str, Any]]
+
+
+def _condition(type_: str, status: bool, reason: str, message: str, generation: int, now: str) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": now,
+    }
+
+
+def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime when a condition's status did not change (API conventions)."""
+    before = {c.get("type"): c for c in old}
+    out = []
+    for cond in new:
+        prev = before.get(cond["type"])
+        if prev is not None and prev.get("status") == cond["status"] and prev.get("lastTransitionTime"):
+            cond = {**cond, "lastTransitionTime": prev["lastTransitionTime"]}
+        out.append(cond)
+    return out
+
+
+def gpu_stockout(pods: list[dict[str, Any]]) -> str | None:
+    """The scheduler's message for a pod Unschedulable for lack of GPUs (or of GPU nodes), if any."""
+    for pod in pods:
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        if pod.get("status", {}).get("phase") != "Pending":
+            continue
+        for cond in pod.get("status", {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                message = cond.get("message") or ""
+                if cond.get("reason") == "Unschedulable" and GPU_WORDS.search(message):
+                    return str(message)
+    return None
+
+
+def crash_looping(pods: list[dict[str, Any]]) -> str | None:
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in (
+                "CrashLoopBackOff",
+                "ImagePullBackOff",
+                "ErrImagePull",
+                "CreateContainerConfigError",
+            ):
+                return f"container {cs.get('name')}: {waiting.get('reason')}: {waiting.get('message', '')}".strip()
+    return None
+
+
+def compute_status(
+    spec: DeploymentSpec,
+    generation: int,
+    desired: int,
+    observed: Observed,
+    previous: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """The CR status (a patch for .status) for what was observed."""
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    child = observed.child or {}
+    child_status = child.get("status") or {}
+    child_gen = (child.get("metadata") or {}).get("generation")
+    rolled = child_gen is not None and child_status.get("observedGeneration", -1) >= child_gen
+    replicas = int(child_status.get("replicas") or 0)
+    ready = int(child_status.get("readyReplicas") or 0)
+    updated = int(child_status.get("updatedReplicas") or 0)
+    was_ready = previous.get("state") not in (None, DeploymentState.CREATING.value)
+
+    stockout = gpu_stockout(observed.pods)
+    crash = crash_looping(observed.pods)
+    complete = rolled and ready >= desired and updated >= desired and replicas == desired
+
+    if stockout or crash:
+        reason = "GPUStockout" if stockout else "ModelServerFailing"
+        message = f"{reason}: {stockout or crash}"
+        state = DeploymentState.FAILED if ready == 0 else DeploymentState.UPDATING
+        conditions = [
+            _condition("Ready", ready >= desired and desired > 0, reason, message, generation, stamp),
+            _condition("Reconciling", False, reason, message, generation, stamp),
+            _condition("Stalled", True, reason, message, generation, stamp),
+        ]
+    elif complete and desired == 0:
+        state = DeploymentState.SCALED_TO_ZERO
+        message = "scaled to zero; the first request wakes it"
+        conditions = [
+            _condition("Ready", True, "ScaledToZero", message, generation, stamp),
+            _condition("Reconciling", False, "ScaledToZero", message, generation, stamp),
+            _condition("Stalled", False, "ScaledToZero", message, generation, stamp),
+        ]
+    elif complete:
+        state = DeploymentState.READY
+        message = f"{ready}/{desired} replicas ready"
+        conditions = [
+            _condition("Ready", True, "ReplicasReady", message, generation, stamp),
+            _condition("Reconciling", False, "ReplicasReady", message, generation, stamp),
+            _condition("Stalled", False, "ReplicasReady", message, generation, stamp),
+        ]
+    else:
+        state = DeploymentState.UPDATING if was_ready else DeploymentState.CREATING
+        reason = "RollingOut" if was_ready else "Creating"
+        message = f"{ready}/{desired} replicas ready, {updated} updated"
+        conditions = [
+            _condition("Ready", False, reason, message, generation, stamp),
+            _condition("Reconciling", True, reason, message, generation, stamp),
+            _condition("Stalled", False, reason, message, generation, stamp),
+        ]
+    count = spec.effective_accelerator_count
+    return {
+        "observedGeneration": generation,
+        "state": state.value,
+        "message": message,
+        "conditions": merge_conditions(previous.get("conditions") or [], conditions),
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "desiredReplicas": desired,
+        "accelerator": f"{spec.accelerator_type.value} x{count}",
+    }
