@@ -19,12 +19,12 @@ def load_config() -> None:
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config()
+        config.load_kube_config()  # type: ignore[no-untyped-call]
 
 
 class Kube:
     def __init__(self, api: client.ApiClient | None = None) -> None:
-        self.api = api or client.ApiClient()
+        self.api: Any = api or client.ApiClient()
         self.core: Any = client.CoreV1Api(self.api)
         self.apps: Any = client.AppsV1Api(self.api)
         self.custom: Any = client.CustomObjectsApi(self.api)

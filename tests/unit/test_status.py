@@ -1,0 +1,95 @@
+"""Status decisions and what Flux's kstatus makes of them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from loraserve.api.deployment import DeploymentSpec
+from loraserve.status import Observed, compute_status
+from tests.kstatus import kstatus
+
+SPEC = DeploymentSpec.model_validate({"baseModel": "hf://org/model", "minReplicas": 1})
+NOW = datetime(2026, 11, 24, tzinfo=UTC)
+
+
+def child(replicas: int, ready: int, updated: int, observed: int = 1, generation: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": generation},
+        "status": {
+            "observedGeneration": observed,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": updated,
+        },
+    }
+
+
+def unschedulable(message: str) -> dict[str, Any]:
+    return {
+        "metadata": {},
+        "status": {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+        },
+    }
+
+
+def cr(status: dict[str, Any], generation: int = 3) -> dict[str, Any]:
+    return {"metadata": {"generation": generation}, "status": status}
+
+
+def test_creating_then_ready() -> None:
+    creating = compute_status(SPEC, 3, 1, Observed(child(1, 0, 1), []), {}, NOW)
+    assert creating["state"] == "CREATING"
+    assert kstatus(cr(creating)) == "InProgress"
+    ready = compute_status(SPEC, 3, 1, Observed(child(1, 1, 1), []), creating, NOW)
+    assert ready["state"] == "READY"
+    assert kstatus(cr(ready)) == "Current"
+
+
+def test_stale_observed_generation_is_in_progress() -> None:
+    ready = compute_status(SPEC, 3, 1, Observed(child(1, 1, 1), []), {}, NOW)
+    assert kstatus(cr(ready, generation=4)) == "InProgress"
+
+
+def test_rollout_is_updating() -> None:
+    ready = compute_status(SPEC, 3, 1, Observed(child(1, 1, 1), []), {}, NOW)
+    rolling = compute_status(SPEC, 4, 1, Observed(child(2, 1, 1, observed=2, generation=2), []), ready, NOW)
+    assert rolling["state"] == "UPDATING"
+    assert kstatus(cr(rolling, generation=4)) == "InProgress"
+
+
+def test_gpu_stockout_is_stalled_with_the_scheduler_message() -> None:
+    message = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    status = compute_status(SPEC, 3, 1, Observed(child(1, 0, 1), [unschedulable(message)]), {}, NOW)
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "GPUStockout")
+    assert message in stalled["message"]
+    assert status["state"] == "FAILED"
+    assert kstatus(cr(status)) == "Failed"
+
+
+def test_unschedulable_for_other_reasons_is_not_a_stockout() -> None:
+    status = compute_status(
+        SPEC,
+        3,
+        1,
+        Observed(child(1, 0, 1), [unschedulable("0/2 nodes are available: 2 Insufficient memory.")]),
+        {},
+        NOW,
+    )
+    assert status["state"] == "CREATING"
+
+
+def test_scaled_to_zero_is_healthy() -> None:
+    spec = DeploymentSpec.model_validate({"baseModel": "hf://org/model"})
+    status = compute_status(spec, 1, 0, Observed(child(0, 0, 0), []), {}, NOW)
+    assert status["state"] == "SCALED_TO_ZERO"
+    assert kstatus(cr(status, generation=1)) == "Current"
+
+
+def test_transition_time_kept_while_status_unchanged() -> None:
+    first = compute_status(SPEC, 3, 1, Observed(child(1, 1, 1), []), {}, NOW)
+    later = compute_status(SPEC, 3, 1, Observed(child(1, 1, 1), []), first, datetime(2026, 11, 25, tzinfo=UTC))
+    assert later["conditions"] == first["conditions"]
