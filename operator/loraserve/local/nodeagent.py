@@ -12,13 +12,20 @@ Unschedulable, exactly as in a GPU cluster out of stock.
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import logging
+import os
+import secrets
+import signal
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
+
+from loraserve.local.runtime import Bridge, PodNetwork, PodRunner
 
 LOCAL_NODE_LABEL = "serving.loraserve.dev/local-node"
 ACCELERATOR_LABEL = "serving.loraserve.dev/accelerator"
@@ -106,13 +113,21 @@ def register_node(core: Any, name: str, accelerator: str, gpus: int, region: str
 
 
 class NodeAgent:
-    def __init__(self, api: client.ApiClient) -> None:
+    """Plays kubelet for the local nodes. With `run_dir`, pods really run (see loraserve.local.runtime);
+    without it, they are only reported Running and Ready (enough for control-plane tests)."""
+
+    def __init__(self, api: client.ApiClient, run_dir: Path | None = None, vllm_python: str | None = None) -> None:
         # The client's generated types add nothing here: the agent speaks plain dict patches.
         self.core: Any = client.CoreV1Api(api)
         self.coordination: Any = client.CoordinationV1Api(api)
         self.stopped = threading.Event()
         self._next_ip: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.api: Any = api
+        self.run_dir = run_dir
+        self.vllm_python = vllm_python
+        self.bridge = Bridge(f"lsbr{secrets.token_hex(2)}") if run_dir else None
+        self.runners: dict[str, PodRunner] = {}
 
     # -- nodes --------------------------------------------------------------------------------------------
     def local_nodes(self) -> list[Any]:
@@ -164,6 +179,9 @@ class NodeAgent:
         node = nodes.get(pod.spec.node_name or "")
         if node is None:
             return
+        if self.run_dir is not None:
+            self._handle_real_pod(pod, node)
+            return
         if pod.metadata.deletion_timestamp is not None:
             try:
                 self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
@@ -174,6 +192,86 @@ class NodeAgent:
         if pod.status.phase == "Running":
             return
         self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, self.running_status(pod, node))
+
+    # -- pods that really run ------------------------------------------------------------------------------
+    def _handle_real_pod(self, pod: Any, node: Any) -> None:
+        uid = pod.metadata.uid
+        runner = self.runners.get(uid)
+        if pod.metadata.deletion_timestamp is not None:
+            if runner is not None:
+                self.runners.pop(uid, None)
+                runner.stop()
+            try:
+                self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+            return
+        if runner is not None:
+            return
+        assert self.run_dir is not None
+        assert self.bridge is not None
+        ip = self.allocate_ip(node)
+        network = PodNetwork.create(self.bridge, uid[:8], ip, node.spec.pod_cidr)
+        body = self.api.sanitize_for_serialization(pod)
+        runner = PodRunner(
+            body,
+            network,
+            self.run_dir / "pods" / uid,
+            self.vllm_python,
+            self._secret_value,
+            self._report,
+            extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")},
+        )
+        self.runners[uid] = runner
+        runner.start()
+
+    def forget_deleted(self, pod: Any) -> None:
+        runner = self.runners.pop(pod.metadata.uid, None)
+        if runner is not None:
+            runner.stop()
+
+    def _secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except client.ApiException:
+            return None
+        data = (secret.data or {}).get(key)
+        return base64.b64decode(data).decode() if data is not None else None
+
+    def _report(self, runner: PodRunner) -> None:
+        now = _now()
+        containers, inits = runner.container_statuses()
+        ready = runner.initialized and all(c["ready"] for c in containers)
+        conditions = [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            {"type": "Initialized", "status": str(runner.initialized), "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": str(ready), "lastTransitionTime": now},
+            {"type": "Ready", "status": str(ready), "lastTransitionTime": now},
+        ]
+        meta = runner.pod["metadata"]
+        status = {
+            "phase": "Running" if runner.initialized else "Pending",
+            "hostIP": "127.0.0.1",
+            "podIP": runner.network.ip,
+            "podIPs": [{"ip": runner.network.ip}],
+            "startTime": now,
+            "conditions": conditions,
+            "containerStatuses": containers,
+            "initContainerStatuses": inits,
+        }
+        try:
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
+        except client.ApiException as exc:
+            if exc.status != 404:
+                log.warning("status of pod %s/%s not written: %s", meta["namespace"], meta["name"], exc.reason)
+
+    def stop_all(self) -> None:
+        for runner in list(self.runners.values()):
+            runner.stop()
+        self.runners.clear()
+        if self.bridge is not None:
+            self.bridge.delete()
 
     def running_status(self, pod: Any, node: Any) -> dict[str, Any]:
         now = _now()
@@ -238,7 +336,9 @@ class NodeAgent:
                     if self.stopped.is_set():
                         return
                     pod = event["object"]
-                    if event["type"] != "DELETED":
+                    if event["type"] == "DELETED":
+                        self.forget_deleted(pod)
+                    else:
                         if pod.spec.node_name not in nodes:
                             nodes = {n.metadata.name: n for n in self.local_nodes()}
                         self.handle_pod(pod, nodes)
@@ -247,11 +347,16 @@ class NodeAgent:
                 self.stopped.wait(1)
 
     def run(self) -> None:
+        if self.bridge is not None:
+            self.bridge.ensure()
         threads = [threading.Thread(target=t, daemon=True) for t in (self.heartbeat_loop, self.pod_loop)]
         for t in threads:
             t.start()
-        while not self.stopped.is_set():
-            self.stopped.wait(1)
+        try:
+            while not self.stopped.is_set():
+                self.stopped.wait(1)
+        finally:
+            self.stop_all()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=ACCELERATOR:GPUS:REGION",
         help="register a node, e.g. gpu-a100-0=NVIDIA_A100_80GB:8:us-east-1 (repeatable)",
     )
+    parser.add_argument("--run-dir", type=Path, help="really run pods (vLLM, fetcher) under this directory; needs root")
+    parser.add_argument(
+        "--vllm-python", default=os.environ.get("LORASERVE_VLLM_PYTHON"), help="python of the vLLM venv"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api = config.new_client_from_config(args.kubeconfig)  # type: ignore[no-untyped-call]
@@ -272,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         name, rest = item.split("=", 1)
         accelerator, gpus, region = rest.split(":")
         register_node(core, name, accelerator, int(gpus), region, f"10.244.{i + 1}.0/24")
-    NodeAgent(api).run()
+    agent = NodeAgent(api, args.run_dir, args.vllm_python)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stopped.set())
+    agent.run()
     return 0
 
 
