@@ -46,6 +46,75 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         local.stop()
 
 
+class Operator:
+    """The real operator (`loraserve operator`) as a child process, killable and restartable."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = cluster.workdir / "logs" / "operator.log"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraserve.cli.main", "operator", "--standalone"],
+            env=self.cluster.env(),
+            stdout=open(self.log, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: LocalCluster) -> Iterator[Operator]:
+    op = Operator(cluster)
+    op.start()
+    yield op
+    op.kill()
+
+
+RUN_REGION = "local"
+
+
+@pytest.fixture(scope="session")
+def run_pool(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A node whose pods really run (vLLM CPU + fetcher, in network namespaces). Deployments reach it with
+    `region: local`. Yields the region."""
+    from tests.fixtures.vllm_server import vllm_python
+
+    run_dir = tmp_path_factory.mktemp("pods")
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraserve.local.nodeagent",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--pool",
+            "run",
+            "--run-dir",
+            str(run_dir),
+            "--vllm-python",
+            str(vllm_python()),
+            "--cidr-base",
+            "100",
+            "--node",
+            f"cpu-run-0=NVIDIA_A100_80GB:8:{RUN_REGION}",
+        ],
+        stdout=open(cluster.workdir / "logs" / "nodeagent-run.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield RUN_REGION
+    finally:
+        agent.terminate()
+        agent.wait(60)
+
+
 @pytest.fixture
 def namespace(cluster: LocalCluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"

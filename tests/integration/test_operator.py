@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,40 +14,11 @@ import pytest
 import yaml
 
 from loraserve.local.cluster import LocalCluster
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import Operator, wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "multi-lora-deployment.yaml"
-
-
-class Operator:
-    def __init__(self, cluster: LocalCluster) -> None:
-        self.cluster = cluster
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = cluster.workdir / "logs" / "operator.log"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraserve.cli.main", "operator", "--standalone"],
-            env=self.cluster.env(),
-            stdout=open(self.log, "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: LocalCluster) -> Iterator[Operator]:
-    op = Operator(cluster)
-    op.start()
-    yield op
-    op.kill()
 
 
 @pytest.fixture

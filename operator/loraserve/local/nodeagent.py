@@ -1,6 +1,6 @@
 """Fake GPU nodes for the local runtime: what a kubelet would do, minus containers.
 
-Nodes labelled `serving.loraserve.dev/local-node=true` get heartbeats (Lease + Ready condition), so the
+Nodes labelled `serving.loraserve.dev/local-node=<pool>` get heartbeats (Lease + Ready condition), so the
 node-lifecycle controller keeps them schedulable. Every pod the scheduler binds to them is reported Running
 and Ready with an IP from the node's podCIDR; a deleted pod is removed at once. GPU capacity is real to the
 scheduler (`nvidia.com/gpu`, `amd.com/gpu`), so a pod that asks for GPUs nobody has stays Pending as
@@ -43,14 +43,16 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def node_manifest(name: str, accelerator: str, gpus: int, region: str, pod_cidr: str) -> dict[str, Any]:
+def node_manifest(
+    name: str, accelerator: str, gpus: int, region: str, pod_cidr: str, pool: str = "fake"
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": name,
             "labels": {
-                LOCAL_NODE_LABEL: "true",
+                LOCAL_NODE_LABEL: pool,
                 ACCELERATOR_LABEL: accelerator,
                 REGION_LABEL: region,
                 "kubernetes.io/hostname": name,
@@ -102,10 +104,12 @@ def _ready_condition() -> dict[str, str]:
     }
 
 
-def register_node(core: Any, name: str, accelerator: str, gpus: int, region: str, pod_cidr: str) -> None:
-    """Create (or keep) a fake GPU node; the agent then keeps it Ready."""
+def register_node(
+    core: Any, name: str, accelerator: str, gpus: int, region: str, pod_cidr: str, pool: str = "fake"
+) -> None:
+    """Create (or keep) a fake GPU node; the agent of that pool then keeps it Ready."""
     try:
-        core.create_node(node_manifest(name, accelerator, gpus, region, pod_cidr))
+        core.create_node(node_manifest(name, accelerator, gpus, region, pod_cidr, pool))
     except client.ApiException as exc:
         if exc.status != 409:
             raise
@@ -116,7 +120,9 @@ class NodeAgent:
     """Plays kubelet for the local nodes. With `run_dir`, pods really run (see loraserve.local.runtime);
     without it, they are only reported Running and Ready (enough for control-plane tests)."""
 
-    def __init__(self, api: client.ApiClient, run_dir: Path | None = None, vllm_python: str | None = None) -> None:
+    def __init__(
+        self, api: client.ApiClient, run_dir: Path | None = None, vllm_python: str | None = None, pool: str = "fake"
+    ) -> None:
         # The client's generated types add nothing here: the agent speaks plain dict patches.
         self.core: Any = client.CoreV1Api(api)
         self.coordination: Any = client.CoordinationV1Api(api)
@@ -128,10 +134,11 @@ class NodeAgent:
         self.vllm_python = vllm_python
         self.bridge = Bridge(f"lsbr{secrets.token_hex(2)}") if run_dir else None
         self.runners: dict[str, PodRunner] = {}
+        self.pool = pool
 
     # -- nodes --------------------------------------------------------------------------------------------
     def local_nodes(self) -> list[Any]:
-        return list(self.core.list_node(label_selector=f"{LOCAL_NODE_LABEL}=true").items)
+        return list(self.core.list_node(label_selector=f"{LOCAL_NODE_LABEL}={self.pool}").items)
 
     def heartbeat_once(self) -> None:
         for node in self.local_nodes():
@@ -369,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=ACCELERATOR:GPUS:REGION",
         help="register a node, e.g. gpu-a100-0=NVIDIA_A100_80GB:8:us-east-1 (repeatable)",
     )
+    parser.add_argument("--pool", default="fake", help="manage the nodes labelled with this pool name")
+    parser.add_argument("--cidr-base", type=int, default=1, help="third octet of the first node's 10.244.X.0/24")
     parser.add_argument("--run-dir", type=Path, help="really run pods (vLLM, fetcher) under this directory; needs root")
     parser.add_argument(
         "--vllm-python", default=os.environ.get("LORASERVE_VLLM_PYTHON"), help="python of the vLLM venv"
@@ -380,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, item in enumerate(args.node):
         name, rest = item.split("=", 1)
         accelerator, gpus, region = rest.split(":")
-        register_node(core, name, accelerator, int(gpus), region, f"10.244.{i + 1}.0/24")
-    agent = NodeAgent(api, args.run_dir, args.vllm_python)
+        register_node(core, name, accelerator, int(gpus), region, f"10.244.{args.cidr_base + i}.0/24", args.pool)
+    agent = NodeAgent(api, args.run_dir, args.vllm_python, args.pool)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopped.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopped.set())
     agent.run()

@@ -1,0 +1,337 @@
+"""LoraAddon -> its adapters loaded on every ready replica of its Deployment (and unloaded when gone)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import kopf
+from pydantic import ValidationError
+
+from loraserve import addons
+from loraserve.api.addon import LoraAddonSpec
+from loraserve.api.common import GROUP, VERSION
+from loraserve.api.deployment import DeploymentSpec
+from loraserve.api.modelversion import ModelVersionSpec
+from loraserve.api.naming import MODEL_SERVER_PORT, selector_labels
+from loraserve.handlers.deployment import kube
+from loraserve.resources.settings import ManifestSettings
+from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
+
+RESYNC_SECONDS = 3.0
+# After a rollback the previous version stays loaded this long, so flipping back is instant.
+WARM_GRACE = timedelta(minutes=10)
+MAX_BACKOFF = 60.0
+_backoff: dict[tuple[str, str, str], tuple[float, float]] = {}  # (addon uid, replica, name) -> (retry at, delay)
+
+
+def _stamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _conditions(
+    ready: bool, reconciling: bool, stalled: bool, reason: str, message: str, gen: int, now: str
+) -> list[dict[str, Any]]:
+    def cond(t: str, s: bool) -> dict[str, Any]:
+        return {
+            "type": t,
+            "status": str(s),
+            "reason": reason,
+            "message": message,
+            "observedGeneration": gen,
+            "lastTransitionTime": now,
+        }
+
+    return [cond("Ready", ready), cond("Reconciling", reconciling), cond("Stalled", stalled)]
+
+
+def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    out = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+            out.append((pod["metadata"]["name"], status["podIP"]))
+    return out
+
+
+async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
+    try:
+        loaded = await VllmAdmin(f"http://{ip}:{MODEL_SERVER_PORT}", session).loaded_adapters()
+    except VllmError:
+        return None  # not answering: treated as not having anything; retried next round
+    return addons.Replica(name, ip, frozenset(loaded))
+
+
+async def _load(
+    session: aiohttp.ClientSession, uid: str, step: addons.ReplicaPlan, fetcher_port: int
+) -> list[addons.Refusal]:
+    failures = []
+    replica = step.replica
+    for artifact in step.load:
+        key = (uid, replica.name, artifact.served_name)
+        retry_at, delay = _backoff.get(key, (0.0, 1.0))
+        if time.monotonic() < retry_at:
+            failures.append(
+                addons.Refusal(
+                    "AdapterLoadFailed", f"{artifact.served_name}: retrying in {retry_at - time.monotonic():.0f}s"
+                )
+            )
+            continue
+        try:
+            async with session.post(
+                f"http://{replica.ip}:{fetcher_port}/fetch",
+                json={"name": artifact.served_name, "uri": artifact.uri, "digest": artifact.digest},
+                timeout=aiohttp.ClientTimeout(total=1800),
+            ) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise addons_error(body.get("reason", "AdapterFetchFailed"), body.get("message", str(body)))
+                path = body["path"]
+            await VllmAdmin(f"http://{replica.ip}:{MODEL_SERVER_PORT}", session).load_adapter(
+                artifact.served_name, path
+            )
+            _backoff.pop(key, None)
+        except AdapterLoadError as exc:
+            failures.append(
+                addons.Refusal("AdapterLoadFailed", f"{artifact.served_name} on {replica.name}: {exc.message}")
+            )
+            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF))
+        except _FetchFailed as exc:
+            failures.append(addons.Refusal(exc.reason, f"{artifact.served_name} on {replica.name}: {exc}"))
+            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF))
+        except (aiohttp.ClientError, TimeoutError, VllmError) as exc:
+            failures.append(addons.Refusal("ReplicaUnreachable", f"{replica.name}: {exc}"))
+    return failures
+
+
+class _FetchFailed(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def addons_error(reason: str, message: str) -> _FetchFailed:
+    return _FetchFailed(reason, message)
+
+
+async def _unload(session: aiohttp.ClientSession, replica: addons.Replica, names: list[str], fetcher_port: int) -> None:
+    admin = VllmAdmin(f"http://{replica.ip}:{MODEL_SERVER_PORT}", session)
+    for name in names:
+        try:
+            await admin.unload_adapter(name)
+            async with session.delete(
+                f"http://{replica.ip}:{fetcher_port}/adapters/{name}", timeout=aiohttp.ClientTimeout(total=30)
+            ):
+                pass
+        except (aiohttp.ClientError, TimeoutError, VllmError):
+            pass  # the next round tries again
+
+
+def _read_versions(namespace: str, spec: LoraAddonSpec) -> dict[str, ModelVersionSpec | None]:
+    versions: dict[str, ModelVersionSpec | None] = {}
+    for target in spec.targets:
+        obj = kube().get_custom("modelversions", target.model_version, namespace)
+        versions[target.model_version] = ModelVersionSpec.model_validate(obj["spec"]) if obj else None
+    return versions
+
+
+def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, Any], body: kopf.Body) -> None:
+    from loraserve.status import merge_conditions
+
+    status["conditions"] = merge_conditions(previous.get("conditions") or [], status["conditions"])
+    if previous.get("state") != status["state"] or previous.get("message") != status["message"]:
+        if status["state"] == "FAILED" or any(
+            c["type"] == "Stalled" and c["status"] == "True" for c in status["conditions"]
+        ):
+            kopf.warn(body, reason=status["reason"], message=status["message"])
+        elif previous.get("state") != status["state"]:
+            kopf.info(body, reason=status["reason"], message=status["message"])
+    del status["reason"]
+    for key, value in status.items():
+        if previous.get(key) != value:
+            patch.status[key] = value
+
+
+async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
+    name, namespace, uid = str(body.metadata.name), str(body.metadata.namespace), str(body.metadata.uid)
+    generation = int(body.metadata.get("generation") or 0)
+    previous = dict(body.status or {})
+    now = datetime.now(UTC)
+    stamp = _stamp(now)
+    base: dict[str, Any] = {"observedGeneration": generation}
+    try:
+        spec = LoraAddonSpec.model_validate(dict(body.spec))
+    except ValidationError as exc:
+        message = str(exc).replace("\n", " ")
+        _set_status(
+            patch,
+            previous,
+            {
+                **base,
+                "state": "FAILED",
+                "reason": "InvalidSpec",
+                "message": message,
+                "conditions": _conditions(False, False, True, "InvalidSpec", message, generation, stamp),
+            },
+            body,
+        )
+        return
+    if spec.deployment is None:
+        message = "the serverless pool is not available in this version: set spec.deployment"
+        _set_status(
+            patch,
+            previous,
+            {
+                **base,
+                "state": "FAILED",
+                "reason": "ServerlessPoolUnavailable",
+                "message": message,
+                "conditions": _conditions(False, False, True, "ServerlessPoolUnavailable", message, generation, stamp),
+            },
+            body,
+        )
+        return
+    deployment_name = spec.deployment
+    obj = await asyncio.to_thread(kube().get_custom, "deployments", deployment_name, namespace)
+    deployment = DeploymentSpec.model_validate(obj["spec"]) if obj else None
+    versions = await asyncio.to_thread(_read_versions, namespace, spec)
+    base.update(deployment=deployment_name, versions=addons.weights_text(name, spec, versions))
+    refusal = addons.check(name, spec, deployment_name, deployment, versions)
+    if refusal is not None:
+        _set_status(
+            patch,
+            previous,
+            {
+                **base,
+                "state": "FAILED",
+                "reason": refusal.reason,
+                "message": refusal.message,
+                "conditions": _conditions(False, False, True, refusal.reason, refusal.message, generation, stamp),
+            },
+            body,
+        )
+        return
+    present = {k: v for k, v in versions.items() if v is not None}
+    wanted = addons.artifacts(name, spec, present)
+    wanted_names = {a.served_name for a in wanted}
+
+    # Versions dropped from the targets stay loaded (warm) for a grace period: rollback is a pointer flip.
+    retired = {k: v for k, v in (previous.get("retired") or {}).items() if k not in wanted_names}
+    for old in previous.get("servedNames") or []:
+        if old not in wanted_names and old not in retired:
+            retired[old] = stamp
+    retired = {k: v for k, v in retired.items() if now - datetime.fromisoformat(v.replace("Z", "+00:00")) < WARM_GRACE}
+
+    pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
+    fetcher_port = ManifestSettings.from_env().fetcher_port
+    async with aiohttp.ClientSession() as session:
+        observed = await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods)))
+        replicas = [r for r in observed if r is not None]
+        failures: list[addons.Refusal] = []
+        for step in addons.plan(name, wanted, set(retired), replicas):
+            if step.unload:
+                await _unload(session, step.replica, step.unload, fetcher_port)
+            if step.load:
+                failures += await _load(session, uid, step, fetcher_port)
+        after = await asyncio.gather(*(_observe(session, r.name, r.ip) for r in replicas))
+    loaded = sum(1 for r in after if r is not None and wanted_names <= r.loaded)
+    total = len(ready_replicas(pods))
+    base.update(loadedReplicas=loaded, totalReplicas=total, servedNames=sorted(wanted_names), retired=retired)
+    if failures:
+        first = failures[0]
+        message = "; ".join(f.message for f in failures[:3])
+        status = {
+            **base,
+            "state": "FAILED" if loaded == 0 else "LOADING",
+            "reason": first.reason,
+            "message": message,
+            "conditions": _conditions(False, False, True, first.reason, message, generation, stamp),
+        }
+    elif total == 0:
+        message = "no ready replica: adapters load on each replica as it becomes ready"
+        status = {
+            **base,
+            "state": "PENDING",
+            "reason": "NoReadyReplicas",
+            "message": message,
+            "conditions": _conditions(True, False, False, "NoReadyReplicas", message, generation, stamp),
+        }
+    elif loaded < total:
+        message = f"loaded on {loaded}/{total} ready replicas"
+        status = {
+            **base,
+            "state": "LOADING",
+            "reason": "Loading",
+            "message": message,
+            "conditions": _conditions(False, True, False, "Loading", message, generation, stamp),
+        }
+    else:
+        message = f"loaded on {loaded}/{total} ready replicas"
+        status = {
+            **base,
+            "state": "READY",
+            "reason": "AdaptersLoaded",
+            "message": message,
+            "conditions": _conditions(True, False, False, "AdaptersLoaded", message, generation, stamp),
+        }
+    assert deployment is not None
+    status["conditions"].append(await _capacity(namespace, deployment_name, deployment, generation, stamp))
+    _set_status(patch, previous, status, body)
+
+
+async def _capacity(
+    namespace: str, deployment_name: str, deployment: DeploymentSpec, gen: int, now: str
+) -> dict[str, Any]:
+    """More adapters than maxLoras is allowed (vLLM swaps them) but costs latency: say so."""
+    listed = await asyncio.to_thread(
+        kube().custom.list_namespaced_custom_object, GROUP, VERSION, namespace, "loraaddons"
+    )
+    served = sum(
+        len(a.get("spec", {}).get("targets", []))
+        for a in listed["items"]
+        if a.get("spec", {}).get("deployment") == deployment_name
+    )
+    over = served > deployment.effective_max_loras
+    message = f"{served} adapter versions for {deployment.effective_max_loras} GPU slots (maxLoras)"
+    return {
+        "type": "OverCapacity",
+        "status": str(over),
+        "reason": "AdaptersExceedMaxLoras" if over else "WithinMaxLoras",
+        "message": message,
+        "observedGeneration": gen,
+        "lastTransitionTime": now,
+    }
+
+
+@kopf.on.resume(GROUP, VERSION, "loraaddons")
+@kopf.on.create(GROUP, VERSION, "loraaddons")
+@kopf.on.update(GROUP, VERSION, "loraaddons", field="spec")
+async def loraaddon_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    await reconcile_addon(body, patch, logger)
+
+
+@kopf.timer(GROUP, VERSION, "loraaddons", interval=RESYNC_SECONDS, sharp=True)
+async def loraaddon_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    # Replicas come and go (scale-out, restarts that forget adapters): every round re-checks each one.
+    await reconcile_addon(body, patch, logger)
+
+
+@kopf.on.delete(GROUP, VERSION, "loraaddons")
+async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    deployment_name = dict(body.spec).get("deployment")
+    if not deployment_name:
+        return
+    pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
+    fetcher_port = ManifestSettings.from_env().fetcher_port
+    async with aiohttp.ClientSession() as session:
+        for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
+            if replica is not None:
+                await _unload(
+                    session, replica, sorted(n for n in replica.loaded if addons.owned_by(name, n)), fetcher_port
+                )
+    logger.info(f"unloaded addon {name} from {deployment_name}")
