@@ -25,7 +25,8 @@ RESYNC_SECONDS = 3.0
 # After a rollback the previous version stays loaded this long, so flipping back is instant.
 WARM_GRACE = timedelta(minutes=10)
 MAX_BACKOFF = 60.0
-_backoff: dict[tuple[str, str, str], tuple[float, float]] = {}  # (addon uid, replica, name) -> (retry at, delay)
+# (addon uid, replica, served name) -> (retry at, next delay, the failure that set it)
+_backoff: dict[tuple[str, str, str], tuple[float, float, addons.Refusal]] = {}
 
 
 def _stamp(now: datetime) -> str:
@@ -73,13 +74,9 @@ async def _load(
     replica = step.replica
     for artifact in step.load:
         key = (uid, replica.name, artifact.served_name)
-        retry_at, delay = _backoff.get(key, (0.0, 1.0))
-        if time.monotonic() < retry_at:
-            failures.append(
-                addons.Refusal(
-                    "AdapterLoadFailed", f"{artifact.served_name}: retrying in {retry_at - time.monotonic():.0f}s"
-                )
-            )
+        retry_at, delay, last = _backoff.get(key, (0.0, 1.0, None))
+        if last is not None and time.monotonic() < retry_at:
+            failures.append(last)  # still failing as last time; retried with backoff
             continue
         try:
             async with session.post(
@@ -96,13 +93,13 @@ async def _load(
             )
             _backoff.pop(key, None)
         except AdapterLoadError as exc:
-            failures.append(
-                addons.Refusal("AdapterLoadFailed", f"{artifact.served_name} on {replica.name}: {exc.message}")
-            )
-            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF))
+            refusal = addons.Refusal("AdapterLoadFailed", f"{artifact.served_name} on {replica.name}: {exc.message}")
+            failures.append(refusal)
+            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF), refusal)
         except _FetchFailed as exc:
-            failures.append(addons.Refusal(exc.reason, f"{artifact.served_name} on {replica.name}: {exc}"))
-            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF))
+            refusal = addons.Refusal(exc.reason, f"{artifact.served_name} on {replica.name}: {exc}")
+            failures.append(refusal)
+            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF), refusal)
         except (aiohttp.ClientError, TimeoutError, VllmError) as exc:
             failures.append(addons.Refusal("ReplicaUnreachable", f"{replica.name}: {exc}"))
     return failures

@@ -1,0 +1,12 @@
+"""Pure autoscaling decisions: windowed policy, scale to zero, idle GC, GPU-second metering (no I/O)."""
+
+from loraserve.autoscale.policy import (
+    Decision,
+    GpuMeter,
+    Reason,
+    ScalingPolicy,
+    ScalingSettings,
+    idle_gc_due,
+)
+
+__all__ = ["Decision", "GpuMeter", "Reason", "ScalingPolicy", "ScalingSettings", "idle_gc_due"]
