@@ -15,6 +15,7 @@ import openai
 import pytest
 import yaml
 
+from loraserve.api.naming import base_model_name
 from loraserve.digest import directory_digest
 from loraserve.local.cluster import LocalCluster
 from tests.integration.conftest import Operator, wait_for
@@ -115,7 +116,8 @@ def test_addons_on_real_replicas(
     )
     wait_state(cluster, ns, "lsd", "tiny", "READY", timeout=400)
     (ip,) = replica_ips(cluster, ns)
-    base_text = complete(ip, "tiny")
+    served = base_model_name(base)
+    base_text = complete(ip, served)
 
     # Two addons: each is fetched beside vLLM, digest-checked and loaded under <addon>-<version>.
     apply(
@@ -154,7 +156,7 @@ def test_addons_on_real_replicas(
     wide = wait_state(cluster, ns, "addon", "wide", "FAILED")
     assert next(c for c in wide["conditions"] if c["type"] == "Stalled")["reason"] == "AdapterRankTooHigh"
     assert complete(ip, "chat-v1") == chat
-    assert complete(ip, "tiny") == base_text
+    assert complete(ip, served) == base_text
 
     # A digest that does not match the files: refused before vLLM ever reads them.
     tampered = version("tampered-v1", "v1", base, adapters["gamma"], rank=8)
@@ -165,12 +167,7 @@ def test_addons_on_real_replicas(
     cluster.kubectl("delete", "addon", "broken", "tampered", "other", "wide", "-n", ns)
 
     # vLLM restarts (and forgets its adapters): the operator notices and loads them again.
-    pids = subprocess.run(
-        ["pgrep", "-f", f"vllm.entrypoints.*--served-model-name=tiny"], capture_output=True, text=True
-    )
-    for pid in pids.stdout.split():
-        if _in_pod_netns(int(pid), ip):
-            os.kill(int(pid), signal.SIGKILL)
+    assert kill_model_server(ip), "no vLLM process found in the pod's network namespace"
     wait_for(
         lambda: status(cluster, ns, "addon", "chat").get("loadedReplicas") == 0, timeout=60, message="restart seen"
     )
@@ -191,7 +188,16 @@ def test_addons_on_real_replicas(
         assert complete(replica, "chat-v1") == chat
 
 
-def _in_pod_netns(pid: int, ip: str) -> bool:
-    """Whether a process runs in the network namespace of the pod with this IP."""
-    out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "addr"], capture_output=True, text=True)
-    return f" {ip}/" in out.stdout
+def kill_model_server(ip: str) -> list[int]:
+    """SIGKILL the vLLM processes of the pod with this IP (everything in its network namespace but the
+    fetcher), as a crash would. vLLM renames its processes, so they are found by namespace, not by name."""
+    for netns in os.listdir("/run/netns"):
+        addrs = subprocess.run(["ip", "-n", netns, "-o", "addr"], capture_output=True, text=True).stdout
+        if f" {ip}/" not in addrs:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+        victims = [int(p) for p in pids if b"loraserve.fetcher" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        return victims
+    return []

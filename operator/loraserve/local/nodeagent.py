@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.captureWarnings(True)  # the local apiserver's self-signed certificate: one warning per request otherwise
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
     api = config.new_client_from_config(args.kubeconfig)  # type: ignore[no-untyped-call]
     core: Any = client.CoreV1Api(api)
     for i, item in enumerate(args.node):
