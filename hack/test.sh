@@ -16,7 +16,7 @@ export LORASERVE_BIN_DIR LORASERVE_VLLM_PYTHON
 .venv/bin/ruff format --check operator tests hack
 .venv/bin/lint-imports
 .venv/bin/mypy
-.venv/bin/python -m loraserve.crdgen --check crds
+.venv/bin/python -m loraserve.crdgen --check
 
 set +e
 .venv/bin/python -m pytest "$@"
