@@ -1,0 +1,3 @@
+from loraserve.router.app import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Entry point: `python -m loraserve.router --port 8080 [--kubeconfig K | --in-cluster | --static-topology F]
+[--api-keys-file F] [--namespace NS ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraserve.router.auth import KeyRing, KeysFileError, parse_keys
+from loraserve.router.discovery import AdapterPoller, KubernetesDiscovery, StaticDiscovery
+from loraserve.router.gateway import Gateway, RouterConfig
+from loraserve.router.hold import NullWaker, Waker
+from loraserve.router.httpserver import Server
+from loraserve.router.kubeapi import KubeClient, load_credentials
+from loraserve.router.topology import TopologyStore
+from loraserve.router.waker import KubernetesWaker
+
+log = logging.getLogger("loraserve.router")
+
+
+class KeysFile:
+    """The keys file, re-read when it changes (a mounted Secret is updated in place)."""
+
+    def __init__(self, path: Path, ring: KeyRing, interval: float = 5.0) -> None:
+        self.path = path
+        self.ring = ring
+        self.interval = interval
+        self._stamp: tuple[float, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        st = self.path.stat()
+        self.ring.replace(parse_keys(self.path.read_text()))
+        self._stamp = (st.st_mtime, st.st_ino)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                st = self.path.stat()
+                if (st.st_mtime, st.st_ino) != self._stamp:
+                    self.load()
+                    log.info("reloaded API keys from %s (%d keys)", self.path, len(self.ring))
+            except (OSError, KeysFileError) as exc:
+                log.error("API keys file %s not reloaded, keeping the previous keys: %s", self.path, exc)
+
+
+@dataclass
+class RouterApp:
+    """The whole router, startable in-process (tests) or from `main`."""
+
+    gateway: Gateway
+    source: StaticDiscovery | KubernetesDiscovery | None = None
+    poller: AdapterPoller | None = None
+    keys_file: KeysFile | None = None
+    kube: KubeClient | None = None
+    server: Server | None = None
+    port: int = 0
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self.server = Server(self.gateway, self.gateway.config.max_body_bytes)
+        self.port = await self.server.start(host, port)
+        if isinstance(self.source, StaticDiscovery):
+            self.source.load()
+        if self.source is not None:
+            self.source.start()
+        if self.poller is not None:
+            self.poller.start()
+        if self.keys_file is not None:
+            self.keys_file.start()
+        return self.port
+
+    async def stop(self, grace: float = 0.0) -> None:
+        if self.server is not None:
+            await self.server.close(grace)
+        for part in (self.keys_file, self.source, self.poller):
+            if part is not None:
+                await part.close()
+        await self.gateway.close()
+        if self.kube is not None:
+            await self.kube.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loraserve.router", description="loraserve's OpenAI-compatible router")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks one)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--kubeconfig", help="watch the cluster of this kubeconfig")
+    src.add_argument("--in-cluster", action="store_true", help="watch the cluster with the pod's service account")
+    src.add_argument("--static-topology", type=Path, help="a YAML topology file instead of a cluster")
+    p.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="a namespace to serve (repeat, or comma-separate); default: every namespace",
+    )
+    p.add_argument("--api-keys-file", type=Path, help="YAML list of {name, sha256, namespaces, deployments}")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 above)")
+    p.add_argument("--key-concurrency", type=int, default=0, help="requests one API key may have at once (0: no limit)")
+    p.add_argument("--adapter-poll-interval", type=float, default=2.0, help="seconds between GET /v1/models polls")
+    p.add_argument("--connect-timeout", type=float, default=3.0, help="seconds to connect to a replica")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=25.0,
+        help="seconds requests in progress may take to finish after SIGTERM (default 25)",
+    )
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop (auto: uvloop)")
+    p.add_argument("--access-log", action="store_true", help="one line per request (never keys or prompts)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def build_app(args: argparse.Namespace) -> RouterApp:
+    namespaces = [n for item in args.namespace for n in item.split(",") if n]
+    store = TopologyStore()
+    poller = AdapterPoller(store, interval=args.adapter_poll_interval)
+    kube: KubeClient | None = None
+    source: StaticDiscovery | KubernetesDiscovery
+    waker: Waker
+    if args.static_topology is not None:
+        source = StaticDiscovery(args.static_topology, store, namespaces, poller)
+        waker = NullWaker()
+    else:
+        in_cluster = args.in_cluster or (args.kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ)
+        kube = KubeClient(load_credentials(args.kubeconfig, in_cluster=in_cluster))
+        source = KubernetesDiscovery(kube, store, namespaces, poller)
+        waker = KubernetesWaker(kube)
+    keys: KeyRing | None = None
+    keys_file: KeysFile | None = None
+    limit = args.key_concurrency if args.key_concurrency > 0 else None
+    if args.api_keys_file is not None:
+        keys = KeyRing(default_max_concurrent=limit)
+        keys_file = KeysFile(args.api_keys_file, keys)
+        keys_file.load()
+    else:
+        log.warning("no --api-keys-file: authentication is OFF, anyone who reaches the router may use it")
+    config = RouterConfig(
+        max_body_bytes=args.max_body_bytes,
+        key_concurrency=limit,
+        connect_timeout=args.connect_timeout,
+        access_log=args.access_log,
+    )
+    gateway = Gateway(store, waker, keys=keys, config=config)
+    if isinstance(source, KubernetesDiscovery):
+        gateway.ready = source.synced.is_set
+    return RouterApp(gateway=gateway, source=source, poller=poller, keys_file=keys_file, kube=kube)
+
+
+def loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """The event loop to run on: uvloop unless asked otherwise (or not installed, with `auto`)."""
+    if choice == "asyncio":
+        return "asyncio", None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return "asyncio", None
+    return "uvloop", uvloop.new_event_loop
+
+
+async def _serve(args: argparse.Namespace, loop_name: str) -> None:
+    app = build_app(args)
+    port = await app.start(args.host, args.port)
+    log.info("router listening on %s:%d (%s)", args.host, port, loop_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("router stopping: no new connections, up to %gs for requests in progress", args.shutdown_grace)
+    await app.stop(args.shutdown_grace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    loop_name, factory = loop_factory(args.loop)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_serve(args, loop_name))
+    except (KeysFileError, OSError) as exc:
+        log.error("router cannot start: %s", exc)
+        return 2
+    return 0

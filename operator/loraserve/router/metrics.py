@@ -1,0 +1,201 @@
+"""The router's Prometheus metrics: the autoscaler's inputs (in-flight, held at zero, last request time).
+
+Labels are `namespace`, `deployment`, `addon` ("" for the base model or a live-merge deployment): only
+resolved, known deployments ever become label values, so a client cannot grow the series by sending
+made-up names; requests refused before a deployment is known are counted in `rejected_requests_total` by
+status code alone.
+
+The hot path only bumps plain numbers on a per-(namespace, deployment, addon) `Series` (the router is one
+event loop, so no locks); a custom collector turns them into Prometheus families when /metrics is scraped.
+This costs a twentieth of prometheus-client's labelled children per request (measured here: 11.5 µs -> 0.5 µs).
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "loraserve_router_"
+LABELS = ["namespace", "deployment", "addon"]
+
+# Seconds. TTFT for LLMs: tens of ms to tens of s; end-to-end up to minutes (and holds up to 10 min).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+
+METRIC_NAMES = (
+    "loraserve_router_requests_in_flight",
+    "loraserve_router_requests_total",
+    "loraserve_router_rejected_requests_total",
+    "loraserve_router_time_to_first_token_seconds",
+    "loraserve_router_request_duration_seconds",
+    "loraserve_router_output_tokens_total",
+    "loraserve_router_last_request_timestamp_seconds",
+    "loraserve_router_requests_held",
+    "loraserve_router_holds_total",
+    "loraserve_router_hold_timeouts_total",
+    "loraserve_router_wakeups_total",
+    "loraserve_router_upstream_retries_total",
+)
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            total += count
+            out.append((repr(float(bound)), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
+class Series:
+    """The numbers of one (namespace, deployment, addon)."""
+
+    __slots__ = (
+        "codes",
+        "duration",
+        "held",
+        "hold_timeouts",
+        "holds",
+        "in_flight",
+        "labels",
+        "last_request",
+        "output_tokens",
+        "retries",
+        "ttft",
+    )
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self.in_flight = 0
+        self.held = 0
+        self.holds = 0
+        self.hold_timeouts = 0
+        self.retries = 0
+        self.output_tokens = 0
+        self.last_request = 0.0
+        self.codes: dict[int, int] = {}
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.duration = Histogram(LATENCY_BUCKETS)
+
+    def accepted(self) -> None:
+        self.last_request = time.time()
+
+    def finished(self, code: int) -> None:
+        self.codes[code] = self.codes.get(code, 0) + 1
+
+
+class RouterMetrics(Collector):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
+        self._series: dict[tuple[str, str, str], Series] = {}
+        self.rejected: dict[int, int] = {}
+        self.wakeups: dict[tuple[str, str], int] = {}
+        self.registry.register(self)
+
+    def series(self, namespace: str, deployment: str, addon: str | None) -> Series:
+        labels = (namespace, deployment, addon or "")
+        s = self._series.get(labels)
+        if s is None:
+            s = self._series[labels] = Series(labels)
+        return s
+
+    def reject(self, code: int) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+
+    def wake(self, namespace: str, deployment: str) -> None:
+        key = (namespace, deployment)
+        self.wakeups[key] = self.wakeups.get(key, 0) + 1
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        series = [self._series[k] for k in sorted(self._series)]
+
+        def gauge(name: str, doc: str, attr: str) -> GaugeMetricFamily:
+            fam = GaugeMetricFamily(PREFIX + name, doc, labels=LABELS)
+            for s in series:
+                fam.add_metric(list(s.labels), getattr(s, attr))
+            return fam
+
+        def counter(name: str, doc: str, attr: str) -> CounterMetricFamily:
+            fam = CounterMetricFamily(PREFIX + name, doc, labels=LABELS)
+            for s in series:
+                fam.add_metric(list(s.labels), getattr(s, attr))
+            return fam
+
+        def histogram(name: str, doc: str, attr: str) -> HistogramMetricFamily:
+            fam = HistogramMetricFamily(PREFIX + name, doc, labels=LABELS)
+            for s in series:
+                h: Histogram = getattr(s, attr)
+                fam.add_metric(list(s.labels), h.cumulative(), h.sum)
+            return fam
+
+        yield gauge("requests_in_flight", "Requests accepted and not finished (held at zero included).", "in_flight")
+        requests = CounterMetricFamily(
+            PREFIX + "requests",
+            "Requests finished, by HTTP status code (the replica's, the router's own, 499 client gone).",
+            labels=[*LABELS, "code"],
+        )
+        for s in series:
+            for code in sorted(s.codes):
+                requests.add_metric([*s.labels, str(code)], s.codes[code])
+        yield requests
+        rejected = CounterMetricFamily(
+            PREFIX + "rejected_requests",
+            "Requests refused before a deployment was known (bad body, auth, unknown model, too large).",
+            labels=["code"],
+        )
+        for code in sorted(self.rejected):
+            rejected.add_metric([str(code)], self.rejected[code])
+        yield rejected
+        yield histogram(
+            "time_to_first_token_seconds",
+            "Arrival to the first response body byte of a successful answer (the first SSE chunk when streaming).",
+            "ttft",
+        )
+        yield histogram(
+            "request_duration_seconds",
+            "Arrival to the last response byte (end-to-end, time held at zero included).",
+            "duration",
+        )
+        yield counter("output_tokens", "Completion tokens, from the response's usage when it has one.", "output_tokens")
+        yield gauge(
+            "last_request_timestamp_seconds",
+            "Unix time of the last request accepted for the deployment/addon.",
+            "last_request",
+        )
+        yield gauge(
+            "requests_held",
+            "Requests waiting for a ready replica (scale from zero, or an adapter not loaded yet).",
+            "held",
+        )
+        yield counter("holds", "Requests that had to wait for a ready replica.", "holds")
+        yield counter(
+            "hold_timeouts", "Held requests answered 503 because no replica became ready in time.", "hold_timeouts"
+        )
+        wakeups = CounterMetricFamily(
+            PREFIX + "wakeups", "Times the router asked a deployment at zero to scale up.", labels=LABELS[:2]
+        )
+        for key in sorted(self.wakeups):
+            wakeups.add_metric(list(key), self.wakeups[key])
+        yield wakeups
+        yield counter("upstream_retries", "Requests sent to another replica after a connect failure.", "retries")
