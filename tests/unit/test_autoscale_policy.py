@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from loraserve.api.deployment import DeploymentSpec
@@ -170,7 +170,7 @@ def test_scale_down_waits_for_the_whole_window() -> None:
 
 
 def test_no_scale_down_with_less_history_than_the_window() -> None:
-    p = make()
+    p = make(last_request_time=T0)  # seen a request: awake through the zero window, so the down window decides
     feed(p, T0 + 1, T0 + 600, 0)
     assert p.desired(T0 + 600, 3).replicas == 3
     assert p.desired(T0 + 601, 3).replicas == 1
@@ -216,12 +216,41 @@ def test_in_flight_load_keeps_it_up_and_restarts_the_zero_clock() -> None:
     assert p.desired(T0 + 1300, 1).replicas == 0
 
 
-def test_new_deployment_zero_clock_starts_at_creation() -> None:
+def test_new_deployment_starts_at_zero_until_its_first_request() -> None:
+    # minReplicas 0 and never a request: asleep from creation, no zero window to wait out (GPUs only with traffic)
     p = make()
-    assert p.desired(T0, 0) == Decision(1, Reason.WAKE, "request within the scale-to-zero window")
-    feed(p, T0, T0 + ZERO, 0, step=60)
-    assert p.desired(T0 + ZERO - 0.001, 1).replicas == 1
-    assert p.desired(T0 + ZERO, 1).replicas == 0
+    assert not p.awake(T0)
+    assert p.desired(T0, 0) == Decision(0, Reason.SCALED_TO_ZERO, "no request since creation 0s ago")
+    assert p.desired(T0, 1) == Decision(0, Reason.SCALE_TO_ZERO, "no request since creation 0s ago")
+    feed(p, T0, T0 + 2 * ZERO, 0, step=60)
+    for now in (T0 + 1, T0 + ZERO - 0.001, T0 + ZERO, T0 + 2 * ZERO):
+        assert p.desired(now, 0).replicas == 0
+        assert p.desired(now, 1).replicas == 0
+    assert p.desired(T0 + 90, 0) == Decision(0, Reason.SCALED_TO_ZERO, "no request since creation 90s ago")
+    # an operator restart (no status.lastRequestTime yet) keeps it asleep
+    q = ScalingPolicy.restore(p.settings, {"createdAt": T0, "lastRequestTime": None})
+    assert q.desired(T0 + 10, 1).replicas == 0
+    # the first request wakes it at once, to one replica; from then on the zero clock is that request
+    t_req = T0 + 2 * ZERO + 30
+    p.observe(t_req, 0, 1)
+    assert p.desired(t_req, 0) == Decision(1, Reason.WAKE, "request within the scale-to-zero window")
+    feed(p, t_req + 60, t_req + ZERO, 0, step=60)
+    assert p.desired(t_req + ZERO - 0.001, 1) == Decision(1, Reason.STABLE, "")
+    assert p.desired(t_req + ZERO, 1) == Decision(0, Reason.SCALE_TO_ZERO, "no request for 3600s (window 3600s)")
+
+
+def test_new_deployment_wakes_at_its_first_request_or_load_right_after_creation() -> None:
+    # well inside what used to be a zero window counted from creation
+    p = make()
+    assert p.desired(T0 + 5, 0).replicas == 0
+    p.observe(T0 + 5, 0, 1)
+    assert p.desired(T0 + 5, 0) == Decision(1, Reason.WAKE, "request within the scale-to-zero window")
+    q = make()
+    q.observe(T0 + 5, 3)  # load alone: requests in flight or waiting
+    assert q.desired(T0 + 5, 0) == Decision(1, Reason.WAKE, "request within the scale-to-zero window")
+    r = make()
+    r.record_request(T0 + 5)  # the router's wake call
+    assert r.desired(T0 + 5, 0).replicas == 1
 
 
 def test_zero_window_ignored_when_min_is_positive() -> None:
@@ -447,13 +476,13 @@ def test_gpu_meter_resumes_from_status_and_ignores_a_clock_step_back() -> None:
 @given(st.lists(st.tuples(st.floats(0, 1000), st.integers(0, 16), st.sampled_from([1, 2, 4, 8])), max_size=40))
 def test_gpu_meter_total_is_the_sum_of_increments_and_the_integral(steps: list[tuple[float, int, int]]) -> None:
     m = GpuMeter()
-    now, total, expected, prev = T0, 0.0, 0.0, None
+    now, then, total, expected, prev = T0, T0, 0.0, 0.0, None
     for dt, ready, acc in steps:
-        now += dt
+        now += dt  # rounded at T0's magnitude: integrate over the times sampled, not the dt asked for
         total += m.sample(now, ready, acc)
         if prev is not None:
-            expected += dt * prev
-        prev = ready * acc
+            expected += (now - then) * prev
+        then, prev = now, ready * acc
     assert m.total == pytest.approx(total)
     assert m.total == pytest.approx(expected)
 
@@ -476,12 +505,18 @@ class Oracle:
             return None
         return [self.s.recommendation(load) for t, load in self.samples[anchor[-1] :]]
 
-    def last_activity(self) -> float:
-        return max([T0, *self.activity])
+    def last_activity(self) -> float | None:
+        """The last request or load > 0; None: never one since creation."""
+        return max(self.activity, default=None)
+
+    def asleep(self, now: float) -> bool:
+        """At zero: min 0, and never a request (asleep from creation) or none for the whole zero window."""
+        last = self.last_activity()
+        return self.s.min_replicas == 0 and (last is None or now - last >= self.s.scale_to_zero_window)
 
     def expected(self, now: float, current: int) -> int:
         s = self.s
-        if s.min_replicas == 0 and now - self.last_activity() >= s.scale_to_zero_window:
+        if self.asleep(now):
             return 0
         floor = max(1, s.min_replicas)
         base = min(max(current, floor), s.max_replicas)
@@ -511,6 +546,10 @@ steps = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(windows=windows, mm=bounds, target=st.sampled_from([1, 4, 8]), trace=steps, start=st.integers(0, 6))
+# asleep from creation, woken by the first request, then to zero a whole zero window after it
+@example(
+    (30.0, 600.0, 300.0), (0, 2), 8, [(0, 0, False), (1000, 0, False), (1, 0, True), (299, 0, False), (1, 0, False)], 1
+)
 def test_closed_loop_obeys_every_rule(
     windows: tuple[float, float, float],
     mm: tuple[int, int],
@@ -533,9 +572,12 @@ def test_closed_loop_obeys_every_rule(
         r = d.replicas
         # bounds
         assert s.min_replicas <= r <= s.max_replicas
-        # zero exactly when the zero window passed without a request (and only with min 0)
-        idle = now - o.last_activity() >= zero
-        assert (r == 0) == (s.min_replicas == 0 and idle), (now - o.last_activity(), d)
+        # zero exactly when there never was a request, or the zero window passed without one (only with min 0)
+        last = o.last_activity()
+        idle = last is None or now - last >= zero
+        assert (r == 0) == (s.min_replicas == 0 and idle), (now, last, d)
+        if s.min_replicas == 0 and last is None:
+            assert r == 0  # never requested: asleep from creation, whatever `current` was
         floor = max(1, s.min_replicas)
         if r > max(current, floor) or (r > floor and current < floor):
             # a load-driven scale-up: only to what the whole up window asked for
@@ -551,6 +593,8 @@ def test_closed_loop_obeys_every_rule(
             assert r >= max(recs)
         if current == 0 and arrived:
             assert r >= 1  # wakes at once
+        if arrived or load > 0:
+            assert r >= 1  # a request or load now: never at zero, woken at once (also the very first one)
         assert r == o.expected(now, current), "the rules, restated from the full trace, disagree"
         current = r
 

@@ -11,10 +11,14 @@ The rules (design.md, "Semantics to get exactly right"), as implemented here:
 * Scale to ZERO (only with minReplicas 0): once there was no request for the whole scale-to-zero window,
   ``now >= zero_clock + zeroWindow`` (not one tick earlier). ``zero_clock`` is the last request time (an
   arrival, or a sample with load > 0: a request in flight or waiting counts as activity, so one is never cut
-  off), or the creation time for a deployment that never saw a request. Until then a deployment keeps at
-  least one replica, however idle: the down-window never takes it to zero.
+  off). Until then a deployment keeps at least one replica, however idle: the down-window never takes it to
+  zero.
+* A minReplicas 0 deployment that has NEVER seen a request (and has no load) starts ASLEEP, at zero replicas,
+  from creation on: GPUs only while there is traffic. It gets no zero window after creation (idle garbage
+  collection, :func:`idle_gc_due`, still counts from creation for it).
 * WAKE: from zero, the first request (an arrival given to :meth:`ScalingPolicy.observe` or
-  :meth:`ScalingPolicy.record_request`, or any load) raises the floor to one replica IMMEDIATELY, with no window.
+  :meth:`ScalingPolicy.record_request`, or any load) raises the floor to one replica IMMEDIATELY, with no window;
+  from then on the zero clock is the last request time.
 * Never below minReplicas, never above maxReplicas; a ``current`` outside the bounds is corrected at once.
 * GPU stockout (see :meth:`ScalingPolicy.desired`): ``current`` is the count last asked for (spec.replicas),
   never the ready count, and recommendations depend only on load, never on how many replicas are up; so a
@@ -183,20 +187,27 @@ class ScalingPolicy:
 
     @property
     def zero_clock(self) -> float:
-        """When the scale-to-zero window started: the last request, or creation if none was ever seen."""
+        """When the scale-to-zero window started: the last request, or creation if none was ever seen (such a
+        deployment is asleep from creation on, see :meth:`awake`; this only dates its idleness)."""
         if self.last_request_time is None:
             return self.created_at
         return max(self.last_request_time, self.created_at)
 
     def zero_deadline(self) -> float | None:
-        """The time from which the deployment goes to zero if no request comes first (None: min > 0)."""
+        """The time from which the deployment goes to zero if no request comes first (None: min > 0).
+
+        For a min-0 deployment that never saw a request this is creation + window, but it sits at zero before
+        that already (:meth:`awake` is False from creation until the first request or load)."""
         if self.settings.min_replicas > 0:
             return None
         return self.zero_clock + self.settings.scale_to_zero_window
 
     def awake(self, now: float) -> bool:
-        """False once a min-0 deployment may sit at zero: no request for the whole zero window, no load."""
+        """False once a min-0 deployment may sit at zero: no request for the whole zero window, no load.
+        A min-0 deployment that has never seen a request starts at zero: no GPU until someone asks."""
         deadline = self.zero_deadline()
+        if deadline is not None and self.last_request_time is None and self._last_load == 0:
+            return False  # never requested, nothing in flight: asleep from creation, no zero window to wait out
         return deadline is None or now < deadline or self._last_load > 0
 
     def _window(self, now: float, window: float) -> list[int] | None:
@@ -233,6 +244,12 @@ class ScalingPolicy:
             raise ValueError("current must be >= 0")
         if not self.awake(now):
             idle_for = now - self.zero_clock
+            if self.last_request_time is None:  # never requested: asleep from creation, whatever the window
+                return Decision(
+                    0,
+                    Reason.SCALED_TO_ZERO if current == 0 else Reason.SCALE_TO_ZERO,
+                    f"no request since creation {idle_for:.0f}s ago",
+                )
             if current == 0:
                 return Decision(0, Reason.SCALED_TO_ZERO, f"no request for {idle_for:.0f}s")
             return Decision(
