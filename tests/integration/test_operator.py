@@ -37,6 +37,14 @@ def cr_status(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any
     return (obj or {}).get("status") or {}
 
 
+def state_is(cluster: LocalCluster, ns: str, name: str, state: str, ready: int | None = None) -> dict[str, Any] | None:
+    """The status (one read) if it is in `state` (with `ready` ready replicas), else None."""
+    status = cr_status(cluster, ns, name)
+    if status.get("state") != state or (ready is not None and status.get("readyReplicas") != ready):
+        return None
+    return status
+
+
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
 
@@ -62,25 +70,12 @@ def test_example_becomes_vllm_pods_and_ready(
     ns = restricted_namespace
     cluster.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
     # minReplicas 0 and no traffic: the child exists at zero replicas and the CR says so.
-    status = wait_for(
-        lambda: (
-            cr_status(cluster, ns, "llama-multi").get("state") == "SCALED_TO_ZERO"
-            and cr_status(cluster, ns, "llama-multi")
-        ),
-        message="SCALED_TO_ZERO",
-    )
-    assert condition(status, "Ready")["status"] == "True"
+    status = wait_for(lambda: state_is(cluster, ns, "llama-multi", "SCALED_TO_ZERO"), message="SCALED_TO_ZERO")
+    assert condition(status, "Ready")["status"] == "True", status
 
     # The scale subresource (what the autoscaler and `kubectl scale` use) drives the child's replicas.
     cluster.kubectl("scale", "lsd", "llama-multi", "-n", ns, "--replicas=2")
-    status = wait_for(
-        lambda: (
-            cr_status(cluster, ns, "llama-multi").get("readyReplicas") == 2 and cr_status(cluster, ns, "llama-multi")
-        ),
-        timeout=90,
-        message="2 ready replicas",
-    )
-    assert status["state"] == "READY"
+    status = wait_for(lambda: state_is(cluster, ns, "llama-multi", "READY", 2), timeout=90, message="2 ready")
     assert status["observedGeneration"] == get(cluster, ns, "lsd", "llama-multi")["metadata"]["generation"]
     assert condition(status, "Ready")["status"] == "True"
     assert condition(status, "Reconciling")["status"] == "False"

@@ -46,7 +46,7 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def duration_field(default: str, description: str, minimum: str = "0s") -> Any:
+def duration_field(default: str | None, description: str, minimum: str = "0s") -> Any:
     """A Go duration string: the pattern for admission, plus a CEL rule on the field itself, because CEL's
     duration() is Go's own parser and refuses what no pattern can see (overflow)."""
     rule = cel(f"duration(self) >= duration('{minimum}')", f"must be a Go duration of at least {minimum}")

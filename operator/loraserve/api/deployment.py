@@ -156,6 +156,13 @@ class DeploymentSpec(ApiModel):
         "Ignored when minReplicas > 0.",
         minimum=MIN_SCALE_TO_ZERO_WINDOW,
     )
+    idle_delete_after: str | None = duration_field(
+        None,
+        "Go duration. With minReplicas 0: delete this Deployment after no request for this long (an Event "
+        "first). Default: the operator's setting, 168h (7 days). The annotation serving.loraserve.dev/keep: "
+        '"true" opts out.',
+        minimum="1m",
+    )
     target_load_per_replica: int = Field(
         8, description="Concurrent requests (running + waiting) one replica should carry.", ge=1, le=10000
     )
@@ -198,10 +205,10 @@ class DeploymentSpec(ApiModel):
         max_length=253,
     )
 
-    @field_validator("scale_up_window", "scale_down_window", "scale_to_zero_window")
+    @field_validator("scale_up_window", "scale_down_window", "scale_to_zero_window", "idle_delete_after")
     @classmethod
-    def _go_duration(cls, value: str) -> str:
-        return check_duration(value)
+    def _go_duration(cls, value: str | None) -> str | None:
+        return None if value is None else check_duration(value)
 
     @model_validator(mode="after")
     def _cross_field(self) -> DeploymentSpec:

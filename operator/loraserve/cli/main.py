@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--namespace", "-n", action="append", default=[], help="watch only these (default: all)")
     op.add_argument("--standalone", action="store_true", help="no peering (a single operator, e.g. local runs)")
     op.add_argument("--liveness", default=None, help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     op.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "operator":
         from loraserve.operator_main import run
 
+        if args.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(args.metrics_port)
         run(args.namespace, args.standalone, args.liveness)
     return 0
 

@@ -64,6 +64,9 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
         merge_source = ModelVersionSpec.model_validate(version["spec"])
     settings = ManifestSettings.from_env()
     desired = desired_replicas(spec)
+    if spec.replicas is None:
+        # The scale subresource (router wake-ups, the autoscaler, `kubectl scale`) needs the field to exist.
+        patch.spec["replicas"] = desired
     if kube().apply_deployment_child(build_deployment(name, namespace, uid, spec, settings, merge_source)):
         logger.info(f"applied apps/v1 Deployment {child_name(name)} (replicas {desired})")
     if kube().apply_service(build_service(name, namespace, uid, spec, settings)):
