@@ -6,13 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from loraserve.local.cluster import LocalCluster
+from loraserve.local.cluster import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,9 +56,15 @@ class Operator:
         self.log = cluster.workdir / "logs" / "operator.log"
 
     def start(self) -> None:
+        env = {
+            **self.cluster.env(),
+            # The autoscaler reads the session's router (see the `router` fixture) every second.
+            "LORASERVE_ROUTER_METRICS_URLS": f"http://127.0.0.1:{ROUTER_PORT}/metrics",
+            "LORASERVE_AUTOSCALE_TICK": "1",
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraserve.cli.main", "operator", "--standalone"],
-            env=self.cluster.env(),
+            env=env,
             stdout=open(self.log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
@@ -78,6 +85,44 @@ def operator(cluster: LocalCluster) -> Iterator[Operator]:
 
 
 RUN_REGION = "local"
+ROUTER_PORT = free_port()
+
+
+@pytest.fixture(scope="session")
+def router(cluster: LocalCluster) -> Iterator[str]:
+    """The router (`python -m loraserve.router`) watching the local cluster; yields its base URL."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraserve.router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(ROUTER_PORT),
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--adapter-poll-interval",
+            "1",
+        ],
+        stdout=open(cluster.workdir / "logs" / "router.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{ROUTER_PORT}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=60, message="router /health")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @pytest.fixture(scope="session")
