@@ -4,13 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
-.venv/bin/python -m pip install --quiet --no-input -e '.[dev]'
-
-LORASERVE_BIN_DIR="$(bash hack/build-cluster-bins.sh)"
-LORASERVE_VLLM_PYTHON="$(bash hack/install-vllm.sh)"
-export LORASERVE_BIN_DIR LORASERVE_VLLM_PYTHON
+eval "$(bash hack/setup.sh)"
 
 .venv/bin/ruff check operator tests hack
 .venv/bin/ruff format --check operator tests hack
