@@ -3,8 +3,10 @@ with fake GPU nodes, started once per test session."""
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -59,11 +61,13 @@ class Operator:
         env = {
             **self.cluster.env(),
             # The autoscaler reads the session's router (see the `router` fixture) every second.
-            "LORASERVE_ROUTER_METRICS_URLS": f"http://127.0.0.1:{ROUTER_PORT}/metrics",
+            "LORASERVE_ROUTER_METRICS_URLS": (
+                f"http://127.0.0.1:{ROUTER_PORT}/metrics,http://127.0.0.1:{LOAD_PORT}/metrics"
+            ),
             "LORASERVE_AUTOSCALE_TICK": "1",
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraserve.cli.main", "operator", "--standalone"],
+            [sys.executable, "-m", "loraserve.cli.main", "operator", "--standalone", "--verbose"],
             env=env,
             stdout=open(self.log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
@@ -86,6 +90,54 @@ def operator(cluster: LocalCluster) -> Iterator[Operator]:
 
 RUN_REGION = "local"
 ROUTER_PORT = free_port()
+LOAD_PORT = free_port()
+
+
+class LoadSource:
+    """A stand-in for a router replica's /metrics: the in-flight load a test sets, per deployment."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[tuple[str, str], float] = {}
+        self.last_request: dict[tuple[str, str], float] = {}
+        handler = self._handler()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", LOAD_PORT), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def text(self) -> str:
+        lines = ["# TYPE loraserve_router_requests_in_flight gauge"]
+        for (ns, name), value in self.in_flight.items():
+            lines.append(
+                f'loraserve_router_requests_in_flight{{namespace="{ns}",deployment="{name}",addon=""}} {value}'
+            )
+        lines.append("# TYPE loraserve_router_last_request_timestamp_seconds gauge")
+        for (ns, name), value in self.last_request.items():
+            labels = f'namespace="{ns}",deployment="{name}",addon=""'
+            lines.append(f"loraserve_router_last_request_timestamp_seconds{{{labels}}} {value}")
+        return "\n".join(lines) + "\n"
+
+    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        source = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = source.text().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.fixture(scope="session")
+def load_source() -> Iterator[LoadSource]:
+    source = LoadSource()
+    yield source
+    source.server.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -169,6 +169,7 @@ async def deployment_autoscaler(
             unschedulable = 1 if gpu_stockout(pods) else 0
             schedulable = max(0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable)
             decision = policy.desired(now, current, schedulable if unschedulable else None)
+            logger.debug(f"load {load:g} (router {signal.in_flight:g}), {current} replicas -> {decision}")
             new_status: dict[str, Any] = {}
             if decision.replicas != current:
                 await asyncio.to_thread(_scale, namespace, name, decision.replicas)
