@@ -9,7 +9,7 @@ from typing import Any
 
 import kopf
 
-from loraserve.handlers import addon, autoscaler, deployment  # noqa: F401  (registers the handlers)
+from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
 from loraserve.kube import load_config
 
 PEERING_NAME = "loraserve"

@@ -96,7 +96,14 @@ def test_scale_up_down_to_zero_wake_and_idle_gc(
     def traffic() -> None:
         while not stop.is_set():
             try:
-                client.completions.create(model=model, prompt="the river and the", max_tokens=200, temperature=0)
+                # ignore_eos: each request really generates all its tokens, so three stay in flight at once.
+                client.completions.create(
+                    model=model,
+                    prompt="the river and the",
+                    max_tokens=200,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
             except Exception as exc:
                 errors.append(exc)
 

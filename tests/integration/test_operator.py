@@ -236,3 +236,16 @@ def test_operator_restart_mid_reconcile_converges(cluster: LocalCluster, operato
     assert sorted(c["metadata"]["name"] for c in children) == ["restart-0", "restart-1", "restart-2"]
     assert len(get(cluster, namespace, "service")["items"]) == 3
     assert all(len(pods(cluster, namespace, f"restart-{i}")) == 1 for i in range(3))
+
+
+def test_model_version_reports_ready(cluster: LocalCluster, operator: Operator, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "modelversions.yaml"))
+    status = wait_for(
+        lambda: (
+            (get(cluster, namespace, "mv", "support-bot-v2") or {}).get("status", {}).get("state") == "READY"
+            and get(cluster, namespace, "mv", "support-bot-v2")["status"]
+        ),
+        message="ModelVersion READY",
+    )
+    assert condition(status, "Ready")["status"] == "True"
+    assert "s3://acme-adapters/support-bot/v2" in status["message"]
