@@ -3,13 +3,14 @@ unloaded on each ready replica. No I/O: the handler observes, this decides, the 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
 from loraserve.api.addon import LoraAddonSpec
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
-from loraserve.api.naming import adapter_served_name
+from loraserve.api.naming import adapter_served_name, base_model_name
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,46 @@ def weights_text(addon: str, spec: LoraAddonSpec, versions: dict[str, ModelVersi
         version = versions.get(t.model_version)
         parts.append(f"{version.version if version else t.model_version}:{t.weight}")
     return ",".join(parts)
+
+
+# -- the serverless pool: one shared, operator-managed Deployment per base model and namespace ---------------
+POOL_LABEL = "serving.loraserve.dev/serverless-pool"
+POOL_CAPACITY = 100
+
+
+def pool_name(base_model: str) -> str:
+    """A stable DNS-1035 name of at most 40 characters for the pool of a base model."""
+    digest = hashlib.sha256(base_model.encode()).hexdigest()[:6]
+    slug = re.sub(r"[^a-z0-9]+", "-", base_model_name(base_model).lower()).strip("-")[:21].rstrip("-")
+    return f"serverless-{slug}-{digest}" if slug else f"serverless-{digest}"
+
+
+def pool_base(spec: LoraAddonSpec, versions: dict[str, ModelVersionSpec | None]) -> str | Refusal:
+    """The base model whose pool serves an addon without a deployment: the one all its versions share."""
+    bases = {v.base_model.name for v in versions.values() if v is not None}
+    missing = [t.model_version for t in spec.targets if versions.get(t.model_version) is None]
+    if missing:
+        return Refusal("ModelVersionNotFound", f"ModelVersion {missing[0]!r} not found")
+    if len(bases) != 1:
+        return Refusal(
+            "BaseModelMismatch", f"the versions of a serverless addon must share one base model: {sorted(bases)}"
+        )
+    return bases.pop()
+
+
+def pool_spec(base_model: str, overrides: dict[str, object]) -> dict[str, object]:
+    """The pool's Deployment spec: multi-LoRA, scale to zero; the operator's settings may add to it."""
+    return {
+        "baseModel": base_model,
+        "enableAddons": True,
+        "maxLoras": 8,
+        "maxLoraRank": 64,
+        "minReplicas": 0,
+        **overrides,
+    }
+
+
+def pool_seat(addon: str, members: list[tuple[str, str]]) -> int:
+    """This addon's place among the pool's addons ordered by (creationTimestamp, name): first come, first served."""
+    ordered = sorted(members)
+    return next(i for i, (_, name) in enumerate(ordered) if name == addon)

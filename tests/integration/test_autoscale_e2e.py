@@ -68,7 +68,9 @@ def test_scale_up_down_to_zero_wake_and_idle_gc(
     idle = deployment("idle", base, run_pool, idleDeleteAfter="1m")
     kept = deployment("kept", base, run_pool, idleDeleteAfter="1m")
     kept["metadata"]["annotations"] = {"serving.loraserve.dev/keep": "true"}
-    docs = [deployment("auto", base, run_pool, maxReplicas=2, targetLoadPerReplica=1, **windows), idle, kept]
+    auto = deployment("auto", base, run_pool, maxReplicas=2, targetLoadPerReplica=1, **windows)
+    auto["spec"]["extraArgs"].append("--max-num-seqs=1")
+    docs = [auto, idle, kept]
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
 
     # A new min-0 deployment starts at zero: no GPU until someone asks.
@@ -89,14 +91,15 @@ def test_scale_up_down_to_zero_wake_and_idle_gc(
     assert first.choices[0].text
     print(f"wake: spec.replicas set {woken[0]:.2f}s after the request; served after {time.monotonic() - asked:.1f}s")
 
-    # Sustained load of 3 concurrent long requests with target 1: replicas rise to max after the up-window.
+    # Sustained load: 4 clients back to back on a replica that serves one sequence at a time
+    # (--max-num-seqs=1), so requests queue and the load stays above 2; with target 1 the replicas rise to max
+    # after the up-window.
     stop = threading.Event()
     errors: list[Exception] = []
 
-    def traffic() -> None:
+    def client_loop() -> None:
         while not stop.is_set():
             try:
-                # ignore_eos: each request really generates all its tokens, so three stay in flight at once.
                 client.completions.create(
                     model=model,
                     prompt="the river and the",
@@ -106,16 +109,17 @@ def test_scale_up_down_to_zero_wake_and_idle_gc(
                 )
             except Exception as exc:
                 errors.append(exc)
+                return
 
-    workers = [threading.Thread(target=traffic) for _ in range(3)]
-    for w in workers:
-        w.start()
+    clients = [threading.Thread(target=client_loop) for _ in range(4)]
+    for thread in clients:
+        thread.start()
     try:
-        wait_for(lambda: replicas(cluster, ns, "auto") == 2, timeout=120, message="scale up to 2")
+        wait_for(lambda: replicas(cluster, ns, "auto") == 2 or bool(errors), timeout=120, message="scale up to 2")
     finally:
         stop.set()
-        for w in workers:
-            w.join()
+        for thread in clients:
+            thread.join()
     assert not errors, errors[:3]
     assert "ScaleUp" in cr(cluster, ns, "auto")["status"]["scaleReason"]
 

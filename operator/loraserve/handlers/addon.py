@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import kopf
+from kubernetes.client import ApiException
 from pydantic import ValidationError
 
 from loraserve import addons
@@ -136,6 +139,44 @@ def _read_versions(namespace: str, spec: LoraAddonSpec) -> dict[str, ModelVersio
     return versions
 
 
+def _serverless_pool(
+    name: str, namespace: str, spec: LoraAddonSpec, versions: dict[str, ModelVersionSpec | None]
+) -> str | addons.Refusal:
+    """The shared pool Deployment for the addon's base model (created on first use), or why not."""
+    base_model = addons.pool_base(spec, versions)
+    if isinstance(base_model, addons.Refusal):
+        return base_model
+    pool = addons.pool_name(base_model)
+    listed = kube().custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "loraaddons")["items"]
+    members = []
+    for item in listed:
+        if item.get("spec", {}).get("deployment") or item["metadata"].get("deletionTimestamp"):
+            continue
+        if (item.get("status") or {}).get("deployment") not in (None, pool) and item["metadata"]["name"] != name:
+            continue  # seated in another base model's pool
+        members.append((item["metadata"]["creationTimestamp"], item["metadata"]["name"]))
+    if name in {n for _, n in members} and addons.pool_seat(name, members) >= addons.POOL_CAPACITY:
+        return addons.Refusal(
+            "ServerlessPoolFull",
+            f"the serverless pool {pool} already serves {addons.POOL_CAPACITY} addons; give this addon its own "
+            "Deployment (spec.deployment)",
+        )
+    if kube().get_custom("deployments", pool, namespace) is None:
+        overrides = json.loads(os.environ.get("LORASERVE_SERVERLESS_POOL_SPEC", "{}"))
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Deployment",
+            "metadata": {"name": pool, "labels": {addons.POOL_LABEL: "true"}},
+            "spec": addons.pool_spec(base_model, overrides),
+        }
+        try:
+            kube().custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "deployments", body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    return pool
+
+
 def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, Any], body: kopf.Body) -> None:
     from loraserve.status import merge_conditions
 
@@ -177,25 +218,28 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
             body,
         )
         return
+    versions = await asyncio.to_thread(_read_versions, namespace, spec)
     if spec.deployment is None:
-        message = "the serverless pool is not available in this version: set spec.deployment"
-        _set_status(
-            patch,
-            previous,
-            {
-                **base,
-                "state": "FAILED",
-                "reason": "ServerlessPoolUnavailable",
-                "message": message,
-                "conditions": _conditions(False, False, True, "ServerlessPoolUnavailable", message, generation, stamp),
-            },
-            body,
-        )
-        return
-    deployment_name = spec.deployment
+        seat = await asyncio.to_thread(_serverless_pool, name, namespace, spec, versions)
+        if isinstance(seat, addons.Refusal):
+            _set_status(
+                patch,
+                previous,
+                {
+                    **base,
+                    "state": "FAILED",
+                    "reason": seat.reason,
+                    "message": seat.message,
+                    "conditions": _conditions(False, False, True, seat.reason, seat.message, generation, stamp),
+                },
+                body,
+            )
+            return
+        deployment_name = seat
+    else:
+        deployment_name = spec.deployment
     obj = await asyncio.to_thread(kube().get_custom, "deployments", deployment_name, namespace)
     deployment = DeploymentSpec.model_validate(obj["spec"]) if obj else None
-    versions = await asyncio.to_thread(_read_versions, namespace, spec)
     base.update(deployment=deployment_name, versions=addons.weights_text(name, spec, versions))
     refusal = addons.check(name, spec, deployment_name, deployment, versions)
     if refusal is not None:
