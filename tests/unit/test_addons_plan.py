@@ -24,7 +24,11 @@ BASE = "hf://meta-llama/Llama-3.1-8B-Instruct"
 
 def version(label: str, base: str = BASE, rank: int = 8) -> ModelVersionSpec:
     return ModelVersionSpec.model_validate(
-        {"version": label, "baseModel": {"name": base, "revision": "r"}, "adapter": {"uri": "s3://adapters/bot", "rank": rank}}
+        {
+            "version": label,
+            "baseModel": {"name": base, "revision": "r"},
+            "adapter": {"uri": "s3://adapters/bot", "rank": rank},
+        }
     )
 
 
