@@ -88,6 +88,7 @@ def wait_state(
 def test_addons_on_real_replicas(
     cluster: LocalCluster,
     operator: Operator,
+    router: str,
     run_pool: str,
     namespace: str,
     tiny_model: Path,
@@ -186,6 +187,18 @@ def test_addons_on_real_replicas(
         with pytest.raises(openai.NotFoundError):
             complete(replica, "sql-v1")
         assert complete(replica, "chat-v1") == chat
+
+    # An idle addon is unloaded (its GPU slot freed) and loads again on its next request: the router holds
+    # the request until a replica reports the adapter.
+    cluster.kubectl("annotate", "addon", "chat", "-n", ns, "serving.loraserve.dev/idle-unload-after=20s")
+    wait_state(cluster, ns, "addon", "chat", "UNLOADED", timeout=120)
+    for replica in replica_ips(cluster, ns):
+        with pytest.raises(openai.NotFoundError):
+            complete(replica, "chat-v1")
+    client = openai.OpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0, timeout=300)
+    out = client.completions.create(model="chat#tiny", prompt="the river and the", max_tokens=8, temperature=0)
+    assert out.choices[0].text == chat
+    assert status(cluster, ns, "addon", "chat")["state"] in ("READY", "LOADING")
 
 
 def kill_model_server(ip: str) -> list[int]:

@@ -98,7 +98,12 @@ class LoraAddonStatus(ApiModel):
     versions: str | None = Field(None, description="Targets as text, e.g. v1:90,v2:10.")
     loaded_replicas: int | None = Field(None, description="Ready replicas that have every target loaded.")
     total_replicas: int | None = Field(None, description="Ready replicas of the Deployment.")
-    last_request_time: datetime | None = Field(None, description="Last request for this addon.")
+    last_request_time: datetime | None = Field(None, description="Last request for this addon (idle clock).")
+    loaded_at: datetime | None = Field(None, description="When an idle-unloaded addon was loaded again.")
+    served_names: list[str] = Field(default_factory=list, description="Adapter names vLLM serves it under.")
+    retired: dict[str, str] = Field(
+        default_factory=dict, description="Versions taken out of the targets, kept loaded (warm) until a grace ends."
+    )
 
 
 class LoraAddon(ApiModel):

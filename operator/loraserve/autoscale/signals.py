@@ -20,13 +20,24 @@ class RouterSignal:
 
 def parse_router_metrics(texts: list[str]) -> dict[tuple[str, str], RouterSignal]:
     """(namespace, deployment) -> signal, from the /metrics text of every router replica."""
-    out: dict[tuple[str, str], RouterSignal] = defaultdict(RouterSignal)
+    return _parse(texts, by_addon=False)  # type: ignore[return-value]
+
+
+def parse_router_addon_metrics(texts: list[str]) -> dict[tuple[str, str, str], RouterSignal]:
+    """(namespace, deployment, addon) -> signal; addon "" is the base model."""
+    return _parse(texts, by_addon=True)  # type: ignore[return-value]
+
+
+def _parse(texts: list[str], by_addon: bool) -> dict[tuple[str, ...], RouterSignal]:
+    out: dict[tuple[str, ...], RouterSignal] = defaultdict(RouterSignal)
     for text in texts:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                key = (sample.labels.get("namespace", ""), sample.labels.get("deployment", ""))
+                key: tuple[str, ...] = (sample.labels.get("namespace", ""), sample.labels.get("deployment", ""))
                 if not key[1]:
                     continue
+                if by_addon:
+                    key = (*key, sample.labels.get("addon", ""))
                 if sample.name == "loraserve_router_requests_in_flight":
                     out[key].in_flight += sample.value
                 elif sample.name == "loraserve_router_requests_held":

@@ -20,16 +20,23 @@ from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import MODEL_SERVER_PORT, selector_labels
+from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube
+from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_addon_signals
 from loraserve.resources.settings import ManifestSettings
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
 
 RESYNC_SECONDS = 3.0
+IDLE_UNLOAD_ANNOTATION = "serving.loraserve.dev/idle-unload-after"
 # After a rollback the previous version stays loaded this long, so flipping back is instant.
 WARM_GRACE = timedelta(minutes=10)
 MAX_BACKOFF = 60.0
 # (addon uid, replica, served name) -> (retry at, next delay, the failure that set it)
 _backoff: dict[tuple[str, str, str], tuple[float, float, addons.Refusal]] = {}
+
+
+def _epoch(text: str | None) -> float | None:
+    return None if not text else datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _stamp(now: datetime) -> str:
@@ -50,16 +57,6 @@ def _conditions(
         }
 
     return [cond("Ready", ready), cond("Reconciling", reconciling), cond("Stalled", stalled)]
-
-
-def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    out = []
-    for pod in pods:
-        status = pod.get("status") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            out.append((pod["metadata"]["name"], status["podIP"]))
-    return out
 
 
 async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
@@ -258,6 +255,34 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         return
     present = {k: v for k, v in versions.items() if v is not None}
     wanted = addons.artifacts(name, spec, present)
+    # Idle addons are unloaded (freeing their GPU slot) and load again when a request comes: the router holds
+    # a request for an adapter no replica has, and reports it in flight, which wakes it here.
+    async with aiohttp.ClientSession() as session:
+        demand = (await router_addon_signals(session, AutoscalerSettings.from_env())).get(
+            (namespace, deployment_name, name)
+        )
+    last_request = max(
+        t
+        for t in (
+            demand.last_request if demand else None,
+            _epoch(previous.get("lastRequestTime")),
+            _epoch(body.metadata.get("creationTimestamp")),
+            _epoch(previous.get("loadedAt")),
+        )
+        if t is not None
+    )
+    idle_after = parse_window(
+        (body.metadata.annotations or {}).get(IDLE_UNLOAD_ANNOTATION)
+        or os.environ.get("LORASERVE_ADDON_IDLE_UNLOAD_AFTER", "168h")
+    )
+    idle = now.timestamp() - last_request >= idle_after and not (demand and demand.in_flight > 0)
+    if demand and demand.in_flight > 0:
+        last_request = max(last_request, now.timestamp())
+    base["lastRequestTime"] = _stamp(datetime.fromtimestamp(last_request, UTC))
+    if idle:
+        wanted = []
+    elif previous.get("state") == "UNLOADED":
+        base["loadedAt"] = stamp  # woken: a fresh idle period starts now
     wanted_names = {a.served_name for a in wanted}
 
     # Versions dropped from the targets stay loaded (warm) for a grace period: rollback is a pointer flip.
@@ -266,6 +291,8 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         if old not in wanted_names and old not in retired:
             retired[old] = stamp
     retired = {k: v for k, v in retired.items() if now - datetime.fromisoformat(v.replace("Z", "+00:00")) < WARM_GRACE}
+    if idle:
+        retired = {}  # idle means unloaded now: no warm grace
 
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = ManifestSettings.from_env().fetcher_port
@@ -291,6 +318,15 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
             "reason": first.reason,
             "message": message,
             "conditions": _conditions(False, False, True, first.reason, message, generation, stamp),
+        }
+    elif idle:
+        message = f"no request for {idle_after:.0f}s: unloaded; the next request loads it again"
+        status = {
+            **base,
+            "state": "UNLOADED",
+            "reason": "IdleUnloaded",
+            "message": message,
+            "conditions": _conditions(True, False, False, "IdleUnloaded", message, generation, stamp),
         }
     elif total == 0:
         message = "no ready replica: adapters load on each replica as it becomes ready"

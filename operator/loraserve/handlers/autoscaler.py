@@ -6,9 +6,7 @@ GC age (with an Event first)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,10 +18,10 @@ from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.naming import KEEP_ANNOTATION, MODEL_SERVER_PORT, child_name, selector_labels
 from loraserve.autoscale.policy import GpuMeter, ScalingPolicy, ScalingSettings, idle_gc_due
-from loraserve.autoscale.signals import RouterSignal, parse_router_metrics
+from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
-from loraserve.handlers.addon import ready_replicas
 from loraserve.handlers.deployment import kube
+from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_signals
 from loraserve.resources.model_server import desired_replicas
 from loraserve.status import gpu_stockout
 from loraserve.vllm.admin import VllmAdmin, VllmError
@@ -33,69 +31,6 @@ GPU_SECONDS = Counter(
 )
 SCALE_DECISIONS = Counter("loraserve_scale_decisions_total", "Replica changes", ["namespace", "deployment", "reason"])
 STATUS_EVERY = 5.0  # seconds between status writes when only the meter moved
-
-
-@dataclass(frozen=True)
-class AutoscalerSettings:
-    tick: float = 2.0
-    router_metrics_urls: tuple[str, ...] = ()
-    router_service: str | None = None  # "name.namespace": scrape every ready router pod behind it
-    idle_delete_after: float = 7 * 86400.0
-
-    @classmethod
-    def from_env(cls) -> AutoscalerSettings:
-        urls = tuple(u for u in os.environ.get("LORASERVE_ROUTER_METRICS_URLS", "").split(",") if u)
-        return cls(
-            tick=float(os.environ.get("LORASERVE_AUTOSCALE_TICK", "2")),
-            router_metrics_urls=urls,
-            router_service=os.environ.get("LORASERVE_ROUTER_METRICS_SERVICE") or None,
-            idle_delete_after=parse_window(os.environ.get("LORASERVE_IDLE_DELETE_AFTER", "168h")),
-        )
-
-
-@dataclass
-class _RouterCache:
-    """One scrape of the routers per tick, shared by every daemon."""
-
-    at: float = 0.0
-    signals: dict[tuple[str, str], RouterSignal] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-_cache = _RouterCache()
-
-
-async def _router_urls(settings: AutoscalerSettings) -> list[str]:
-    if settings.router_metrics_urls:
-        return list(settings.router_metrics_urls)
-    if settings.router_service is None:
-        return []
-    name, _, namespace = settings.router_service.partition(".")
-    pods = await asyncio.to_thread(
-        kube().list_pods,
-        namespace,
-        {"app.kubernetes.io/name": "loraserve-router", "app.kubernetes.io/instance": name.removesuffix("-router")},
-    )
-    return [f"http://{ip}:8080/metrics" for _, ip in ready_replicas(pods)]
-
-
-async def router_signals(
-    session: aiohttp.ClientSession, settings: AutoscalerSettings
-) -> dict[tuple[str, str], RouterSignal]:
-    async with _cache.lock:
-        if time.monotonic() - _cache.at < settings.tick / 2:
-            return _cache.signals
-        texts = []
-        for url in await _router_urls(settings):
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    if resp.status == 200:
-                        texts.append(await resp.text())
-            except (aiohttp.ClientError, TimeoutError):
-                pass  # a router replica that does not answer contributes nothing this tick
-        _cache.signals = parse_router_metrics(texts)
-        _cache.at = time.monotonic()
-        return _cache.signals
 
 
 async def _replica_load(session: aiohttp.ClientSession, ips: list[str]) -> float:

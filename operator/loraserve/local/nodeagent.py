@@ -190,15 +190,19 @@ class NodeAgent:
             self._handle_real_pod(pod, node)
             return
         if pod.metadata.deletion_timestamp is not None:
-            try:
-                self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
-            except client.ApiException as exc:
-                if exc.status != 404:
-                    raise
+            self._remove(pod)
             return
         if pod.status.phase == "Running":
             return
         self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, self.running_status(pod, node))
+
+    def _remove(self, pod: Any) -> None:
+        """What the kubelet does once a deleted pod's containers are gone: remove the object."""
+        try:
+            self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
 
     # -- pods that really run ------------------------------------------------------------------------------
     def _handle_real_pod(self, pod: Any, node: Any) -> None:
@@ -208,11 +212,7 @@ class NodeAgent:
             if runner is not None:
                 self.runners.pop(uid, None)
                 runner.stop()
-            try:
-                self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
-            except client.ApiException as exc:
-                if exc.status != 404:
-                    raise
+            self._remove(pod)
             return
         if runner is not None:
             return

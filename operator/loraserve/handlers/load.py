@@ -1,0 +1,102 @@
+"""What the handlers observe of load and readiness: ready replicas of a Deployment, and the routers'
+metrics (scraped once per tick for every handler)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from loraserve.autoscale.signals import RouterSignal, parse_router_addon_metrics, parse_router_metrics
+from loraserve.durations import parse_window
+from loraserve.handlers.deployment import kube
+
+
+def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    out = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+            out.append((pod["metadata"]["name"], status["podIP"]))
+    return out
+
+
+@dataclass(frozen=True)
+class AutoscalerSettings:
+    tick: float = 2.0
+    router_metrics_urls: tuple[str, ...] = ()
+    router_service: str | None = None  # "name.namespace": scrape every ready router pod behind it
+    idle_delete_after: float = 7 * 86400.0
+
+    @classmethod
+    def from_env(cls) -> AutoscalerSettings:
+        urls = tuple(u for u in os.environ.get("LORASERVE_ROUTER_METRICS_URLS", "").split(",") if u)
+        return cls(
+            tick=float(os.environ.get("LORASERVE_AUTOSCALE_TICK", "2")),
+            router_metrics_urls=urls,
+            router_service=os.environ.get("LORASERVE_ROUTER_METRICS_SERVICE") or None,
+            idle_delete_after=parse_window(os.environ.get("LORASERVE_IDLE_DELETE_AFTER", "168h")),
+        )
+
+
+@dataclass
+class _RouterCache:
+    """One scrape of the routers per tick, shared by every daemon."""
+
+    at: float = 0.0
+    texts: list[str] = field(default_factory=list)
+    signals: dict[tuple[str, str], RouterSignal] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+_cache = _RouterCache()
+
+
+async def _router_urls(settings: AutoscalerSettings) -> list[str]:
+    if settings.router_metrics_urls:
+        return list(settings.router_metrics_urls)
+    if settings.router_service is None:
+        return []
+    name, _, namespace = settings.router_service.partition(".")
+    pods = await asyncio.to_thread(
+        kube().list_pods,
+        namespace,
+        {"app.kubernetes.io/name": "loraserve-router", "app.kubernetes.io/instance": name.removesuffix("-router")},
+    )
+    return [f"http://{ip}:8080/metrics" for _, ip in ready_replicas(pods)]
+
+
+async def router_signals(
+    session: aiohttp.ClientSession, settings: AutoscalerSettings
+) -> dict[tuple[str, str], RouterSignal]:
+    await _scrape(session, settings)
+    return _cache.signals
+
+
+async def router_addon_signals(
+    session: aiohttp.ClientSession, settings: AutoscalerSettings
+) -> dict[tuple[str, str, str], RouterSignal]:
+    await _scrape(session, settings)
+    return parse_router_addon_metrics(_cache.texts)
+
+
+async def _scrape(session: aiohttp.ClientSession, settings: AutoscalerSettings) -> None:
+    async with _cache.lock:
+        if time.monotonic() - _cache.at < settings.tick / 2:
+            return
+        texts = []
+        for url in await _router_urls(settings):
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        texts.append(await resp.text())
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # a router replica that does not answer contributes nothing this tick
+        _cache.texts = texts
+        _cache.signals = parse_router_metrics(texts)
+        _cache.at = time.monotonic()
