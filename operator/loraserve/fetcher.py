@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--uri", required=True)
     one.add_argument("--dest", required=True, type=Path)
     one.add_argument("--digest")
+    merge_cmd = sub.add_parser("merge", help="fetch an adapter and merge it into base weights (live merge)")
+    merge_cmd.add_argument("--base", required=True, type=Path)
+    merge_cmd.add_argument("--adapter-uri", required=True)
+    merge_cmd.add_argument("--digest")
+    merge_cmd.add_argument("--out", required=True, type=Path)
     serve = sub.add_parser("serve", help="run the sidecar")
     serve.add_argument("--dir", required=True, type=Path)
     serve.add_argument("--port", type=int, default=8001)
@@ -176,6 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         except FetchError as exc:
             print(f"{exc.reason}: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "merge":
+        from loraserve.merge import merge
+
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                adapter = fetch(args.adapter_uri, Path(scratch) / "adapter", args.digest)
+                merged = merge(args.base, adapter, args.out)
+            except (FetchError, ValueError) as exc:
+                print(f"MergeFailed: {exc}", file=sys.stderr)
+                return 1
+        print(f"merged {len(merged)} weights into {args.out}")
         return 0
     from aiohttp import web
 
