@@ -24,6 +24,8 @@ from loraserve.digest import directory_digest  # noqa: E402
 from loraserve.local.cluster import LocalCluster  # noqa: E402
 
 API = "serving.loraserve.dev/v1alpha1"
+# The trial's node really runs its pods; it is tainted so only Deployments that ask land there.
+RUN_POOL = {"key": "serving.loraserve.dev/local-pool", "operator": "Equal", "value": "run", "effect": "NoSchedule"}
 
 
 def wait(what: str, check: object, timeout: float = 600) -> None:
@@ -99,6 +101,7 @@ def main() -> int:
                     "baseModel": base,
                     "enableAddons": True,
                     "region": "local",
+                    "tolerations": [RUN_POOL],
                     "maxReplicas": 1,
                     "extraArgs": ["--max-model-len=256", "--dtype=float32"],
                 },

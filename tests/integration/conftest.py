@@ -89,6 +89,13 @@ def operator(cluster: LocalCluster) -> Iterator[Operator]:
 
 
 RUN_REGION = "local"
+# Deployments that should really run ask for the run pool's node: its region and a toleration of its taint.
+RUN_TOLERATION = {
+    "key": "serving.loraserve.dev/local-pool",
+    "operator": "Equal",
+    "value": "run",
+    "effect": "NoSchedule",
+}
 ROUTER_PORT = free_port()
 LOAD_PORT = free_port()
 

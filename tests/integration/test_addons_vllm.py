@@ -18,7 +18,7 @@ import yaml
 from loraserve.api.naming import base_model_name
 from loraserve.digest import directory_digest
 from loraserve.local.cluster import LocalCluster
-from tests.integration.conftest import Operator, wait_for
+from tests.integration.conftest import RUN_TOLERATION, Operator, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm, pytest.mark.slow]
 API = "serving.loraserve.dev/v1alpha1"
@@ -111,6 +111,7 @@ def test_addons_on_real_replicas(
                 "minReplicas": 1,
                 "maxReplicas": 2,
                 "region": run_pool,
+                "tolerations": [RUN_TOLERATION],
                 "extraArgs": ["--max-model-len=256", "--dtype=float32"],
             },
         },

@@ -16,7 +16,7 @@ import yaml
 
 from loraserve.api.naming import base_model_name
 from loraserve.local.cluster import LocalCluster
-from tests.integration.conftest import Operator, wait_for
+from tests.integration.conftest import RUN_TOLERATION, Operator, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm, pytest.mark.slow]
 API = "serving.loraserve.dev/v1alpha1"
@@ -30,6 +30,7 @@ def deployment(name: str, base: str, region: str, **spec: Any) -> dict[str, Any]
         "spec": {
             "baseModel": base,
             "region": region,
+            "tolerations": [RUN_TOLERATION],
             "minReplicas": 0,
             "extraArgs": ["--max-model-len=256", "--dtype=float32"],
             **spec,

@@ -128,3 +128,11 @@ def test_service_selects_the_pods() -> None:
     dep = build_deployment("pool", "ns", "u", spec, SETTINGS)
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert [p["name"] for p in svc["spec"]["ports"]] == ["http", "fetcher"]
+
+
+def test_extra_tolerations_pass_through() -> None:
+    spec = pod({"baseModel": BASE, "tolerations": [{"key": "dedicated", "value": "llm", "effect": "NoSchedule"}]})
+    assert spec["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"},
+    ]

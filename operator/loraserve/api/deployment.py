@@ -65,6 +65,20 @@ class ResourceList(ApiModel):
     )
 
 
+class Toleration(ApiModel):
+    """A pod toleration (core/v1), for GPU nodes with taints of their own."""
+
+    key: str | None = Field(
+        None, description="Taint key; empty with operator Exists matches every taint.", max_length=316
+    )
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value (operator Equal).", max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; empty matches every effect."
+    )
+    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound.")
+
+
 class Resources(ApiModel):
     """CPU, memory and disk for the model server. GPUs come from acceleratorType/acceleratorCount."""
 
@@ -194,6 +208,11 @@ class DeploymentSpec(ApiModel):
         },
     )
     resources: Resources | None = Field(None, description="CPU, memory and disk for the model server.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Extra tolerations for the replicas (the GPU resource taint is tolerated already).",
+        max_length=32,
+    )
     env: list[EnvVar] = Field(
         default_factory=list, description="Extra environment for the model server.", max_length=64
     )

@@ -28,6 +28,7 @@ from kubernetes import client, config, watch
 from loraserve.local.runtime import Bridge, PodNetwork, PodRunner
 
 LOCAL_NODE_LABEL = "serving.loraserve.dev/local-node"
+POOL_TAINT = "serving.loraserve.dev/local-pool"
 ACCELERATOR_LABEL = "serving.loraserve.dev/accelerator"
 REGION_LABEL = "topology.kubernetes.io/region"
 GPU_RESOURCE = {
@@ -60,7 +61,12 @@ def node_manifest(
                 "kubernetes.io/arch": "amd64",
             },
         },
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+        "spec": {
+            "podCIDR": pod_cidr,
+            "podCIDRs": [pod_cidr],
+            # Pods only land on a node of another pool (e.g. one that really runs them) when they ask to.
+            "taints": [] if pool == "fake" else [{"key": POOL_TAINT, "value": pool, "effect": "NoSchedule"}],
+        },
     }
 
 

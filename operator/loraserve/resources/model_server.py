@@ -253,7 +253,10 @@ def build_pod_template(
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             "nodeSelector": node_selector,
-            "tolerations": [{"key": gpu, "operator": "Exists", "effect": "NoSchedule"}],
+            "tolerations": [
+                {"key": gpu, "operator": "Exists", "effect": "NoSchedule"},
+                *(t.to_wire() for t in spec.tolerations),
+            ],
             "initContainers": init,
             "containers": containers,
             "volumes": volumes,
