@@ -59,6 +59,15 @@ def _conditions(
     return [cond("Ready", ready), cond("Reconciling", reconciling), cond("Stalled", stalled)]
 
 
+def _verdict(
+    base: dict[str, Any], state: str, reason: str, message: str, flags: tuple[bool, bool, bool], gen: int, now: str
+) -> dict[str, Any]:
+    """A status: state, reason, message and the kstatus conditions (Ready, Reconciling, Stalled) = flags."""
+    ready, reconciling, stalled = flags
+    conditions = _conditions(ready, reconciling, stalled, reason, message, gen, now)
+    return {**base, "state": state, "reason": reason, "message": message, "conditions": conditions}
+
+
 async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
     try:
         loaded = await VllmAdmin(f"http://{ip}:{MODEL_SERVER_PORT}", session).loaded_adapters()
@@ -205,13 +214,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         _set_status(
             patch,
             previous,
-            {
-                **base,
-                "state": "FAILED",
-                "reason": "InvalidSpec",
-                "message": message,
-                "conditions": _conditions(False, False, True, "InvalidSpec", message, generation, stamp),
-            },
+            _verdict(base, "FAILED", "InvalidSpec", message, (False, False, True), generation, stamp),
             body,
         )
         return
@@ -222,13 +225,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
             _set_status(
                 patch,
                 previous,
-                {
-                    **base,
-                    "state": "FAILED",
-                    "reason": seat.reason,
-                    "message": seat.message,
-                    "conditions": _conditions(False, False, True, seat.reason, seat.message, generation, stamp),
-                },
+                _verdict(base, "FAILED", seat.reason, seat.message, (False, False, True), generation, stamp),
                 body,
             )
             return
@@ -243,13 +240,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         _set_status(
             patch,
             previous,
-            {
-                **base,
-                "state": "FAILED",
-                "reason": refusal.reason,
-                "message": refusal.message,
-                "conditions": _conditions(False, False, True, refusal.reason, refusal.message, generation, stamp),
-            },
+            _verdict(base, "FAILED", refusal.reason, refusal.message, (False, False, True), generation, stamp),
             body,
         )
         return
@@ -312,49 +303,21 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     if failures:
         first = failures[0]
         message = "; ".join(f.message for f in failures[:3])
-        status = {
-            **base,
-            "state": "FAILED" if loaded == 0 else "LOADING",
-            "reason": first.reason,
-            "message": message,
-            "conditions": _conditions(False, False, True, first.reason, message, generation, stamp),
-        }
+        status = _verdict(
+            base, "FAILED" if loaded == 0 else "LOADING", first.reason, message, (False, False, True), generation, stamp
+        )
     elif idle:
         message = f"no request for {idle_after:.0f}s: unloaded; the next request loads it again"
-        status = {
-            **base,
-            "state": "UNLOADED",
-            "reason": "IdleUnloaded",
-            "message": message,
-            "conditions": _conditions(True, False, False, "IdleUnloaded", message, generation, stamp),
-        }
+        status = _verdict(base, "UNLOADED", "IdleUnloaded", message, (True, False, False), generation, stamp)
     elif total == 0:
         message = "no ready replica: adapters load on each replica as it becomes ready"
-        status = {
-            **base,
-            "state": "PENDING",
-            "reason": "NoReadyReplicas",
-            "message": message,
-            "conditions": _conditions(True, False, False, "NoReadyReplicas", message, generation, stamp),
-        }
+        status = _verdict(base, "PENDING", "NoReadyReplicas", message, (True, False, False), generation, stamp)
     elif loaded < total:
         message = f"loaded on {loaded}/{total} ready replicas"
-        status = {
-            **base,
-            "state": "LOADING",
-            "reason": "Loading",
-            "message": message,
-            "conditions": _conditions(False, True, False, "Loading", message, generation, stamp),
-        }
+        status = _verdict(base, "LOADING", "Loading", message, (False, True, False), generation, stamp)
     else:
         message = f"loaded on {loaded}/{total} ready replicas"
-        status = {
-            **base,
-            "state": "READY",
-            "reason": "AdaptersLoaded",
-            "message": message,
-            "conditions": _conditions(True, False, False, "AdaptersLoaded", message, generation, stamp),
-        }
+        status = _verdict(base, "READY", "AdaptersLoaded", message, (True, False, False), generation, stamp)
     assert deployment is not None
     status["conditions"].append(await _capacity(namespace, deployment_name, deployment, generation, stamp))
     _set_status(patch, previous, status, body)
