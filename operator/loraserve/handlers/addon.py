@@ -207,27 +207,22 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     now = datetime.now(UTC)
     stamp = _stamp(now)
     base: dict[str, Any] = {"observedGeneration": generation}
+
+    def refuse(reason: str, message: str) -> None:
+        failed = _verdict(base, "FAILED", reason, message, (False, False, True), generation, stamp)
+        _set_status(patch, previous, failed, body)
+
     try:
         spec = LoraAddonSpec.model_validate(dict(body.spec))
     except ValidationError as exc:
         message = str(exc).replace("\n", " ")
-        _set_status(
-            patch,
-            previous,
-            _verdict(base, "FAILED", "InvalidSpec", message, (False, False, True), generation, stamp),
-            body,
-        )
+        refuse("InvalidSpec", message)
         return
     versions = await asyncio.to_thread(_read_versions, namespace, spec)
     if spec.deployment is None:
         seat = await asyncio.to_thread(_serverless_pool, name, namespace, spec, versions)
         if isinstance(seat, addons.Refusal):
-            _set_status(
-                patch,
-                previous,
-                _verdict(base, "FAILED", seat.reason, seat.message, (False, False, True), generation, stamp),
-                body,
-            )
+            refuse(seat.reason, seat.message)
             return
         deployment_name = seat
     else:
@@ -237,12 +232,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     base.update(deployment=deployment_name, versions=addons.weights_text(name, spec, versions))
     refusal = addons.check(name, spec, deployment_name, deployment, versions)
     if refusal is not None:
-        _set_status(
-            patch,
-            previous,
-            _verdict(base, "FAILED", refusal.reason, refusal.message, (False, False, True), generation, stamp),
-            body,
-        )
+        refuse(refusal.reason, refusal.message)
         return
     present = {k: v for k, v in versions.items() if v is not None}
     wanted = addons.artifacts(name, spec, present)
