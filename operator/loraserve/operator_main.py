@@ -10,6 +10,7 @@ from typing import Any
 import kopf
 
 from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
+from loraserve.handlers.deployment import model_server_tokens
 from loraserve.kube import load_config
 
 PEERING_NAME = "loraserve"
@@ -18,6 +19,11 @@ PEERING_NAME = "loraserve"
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     load_config()
+    # Settings that can be wrong are read now, so a bad one stops the start with its reason.
+    if not model_server_tokens().enabled:
+        logging.getLogger(__name__).warning(
+            "no LORASERVE_MODEL_SERVER_KEY_FILE: model servers accept requests from anyone who reaches them"
+        )
     # Two replicas must never both act: Kopf peering lets only the highest priority operate; a random
     # priority makes the winner unique without configuration.
     settings.peering.name = PEERING_NAME

@@ -127,7 +127,7 @@ def test_service_selects_the_pods() -> None:
     svc = build_service("pool", "ns", "u", spec, SETTINGS)
     dep = build_deployment("pool", "ns", "u", spec, SETTINGS)
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    assert [p["name"] for p in svc["spec"]["ports"]] == ["http", "fetcher"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]  # the fetcher is not published
 
 
 def test_extra_tolerations_pass_through() -> None:

@@ -19,7 +19,7 @@ from loraserve.router.gateway import Gateway
 from loraserve.router.httpserver import Server
 from loraserve.router.kubeapi import KubeClient, KubeCredentials, load_credentials
 from loraserve.router.topology import TopologyStore
-from loraserve.router.waker import KubernetesWaker, deployment_path, scale_path
+from loraserve.router.waker import KubernetesWaker, scale_path
 from tests.router.fakes import FakeBackend
 from tests.router.harness import NS, addon, deployment, endpoint_slice, model_version, wait_until
 
@@ -67,12 +67,16 @@ class FakeApiServer:
         parts = request.path.split("/")
         if len(parts) >= 8 and parts[6] == "deployments" and parts[1] == "apis":  # one Deployment, or its scale
             name = parts[7]
+            if not request.path.endswith("/scale"):
+                return web.json_response({"kind": "Status", "code": 403}, status=403)  # the router's RBAC
+            if self.replicas.get(name) is None:  # what kube-apiserver answers before spec.replicas exists
+                return web.json_response({"kind": "Status", "code": 500}, status=500)
             if request.method == "PATCH":
                 body = await request.json()
                 self.patches.append((request.path, request.content_type, body))
                 self.replicas[name] = body["spec"]["replicas"]
                 self.patched.set()
-            spec: dict[str, Any] = {} if self.replicas.get(name) is None else {"replicas": self.replicas[name]}
+            spec = {"replicas": self.replicas[name]}
             return web.json_response({"metadata": {"name": name, "resourceVersion": str(self.rv)}, "spec": spec})
         if request.query.get("watch") == "true":
             resp = web.StreamResponse()
@@ -104,6 +108,7 @@ async def test_watch_feeds_the_store_and_releases_held_requests(api: FakeApiServ
     await backend.start()
     deps = collection_path("deployments", NS)
     api.objects[deps] = [deployment("d")]
+    api.replicas["d"] = 0  # the operator set spec.replicas on its first reconcile
     api.objects[collection_path("loraaddons", NS)] = [addon("bot", "d", [("bot-v1", 100)])]
     api.objects[collection_path("modelversions", NS)] = [model_version("bot-v1", "v1")]
     kube = client_for(api)
@@ -131,7 +136,7 @@ async def test_watch_feeds_the_store_and_releases_held_requests(api: FakeApiServ
             assert not request.done()
             assert api.patches == [
                 (
-                    deployment_path(NS, "d"),  # spec.replicas absent: the scale subresource cannot be used
+                    scale_path(NS, "d"),  # only the scale subresource: the router never writes the CR
                     "application/merge-patch+json",
                     {"metadata": {"resourceVersion": str(api.rv)}, "spec": {"replicas": 1}},
                 )
@@ -164,6 +169,14 @@ async def test_waker_patches_scale_at_zero_and_leaves_a_scaled_deployment_alone(
         api.replicas["zero"] = 0
         await KubernetesWaker(kube).wake(NS, "zero")
         assert [(p[0], p[2]["spec"]) for p in api.patches] == [(scale_path(NS, "zero"), {"replicas": 1})]
+        # Created a moment ago: the scale subresource answers 500 until the operator sets spec.replicas.
+        api.replicas["new"] = None
+        wake = asyncio.create_task(KubernetesWaker(kube, retry_delay=0.05).wake(NS, "new"))
+        await asyncio.sleep(0.2)
+        assert not wake.done()
+        api.replicas["new"] = 0
+        await wake
+        assert [p[0] for p in api.patches][-1] == scale_path(NS, "new")
     finally:
         await kube.close()
 

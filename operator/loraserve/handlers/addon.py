@@ -21,7 +21,7 @@ from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import MODEL_SERVER_PORT, selector_labels
 from loraserve.durations import parse_window
-from loraserve.handlers.deployment import kube
+from loraserve.handlers.deployment import kube, model_server_tokens
 from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_addon_signals
 from loraserve.resources.settings import ManifestSettings
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
@@ -277,7 +277,8 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
 
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = ManifestSettings.from_env().fetcher_port
-    async with aiohttp.ClientSession() as session:
+    auth = model_server_tokens().authorization(namespace, deployment_name)  # vLLM and the fetcher demand it
+    async with aiohttp.ClientSession(headers=auth) as session:
         observed = await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods)))
         replicas = [r for r in observed if r is not None]
         failures: list[addons.Refusal] = []
@@ -358,7 +359,8 @@ async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> N
         return
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = ManifestSettings.from_env().fetcher_port
-    async with aiohttp.ClientSession() as session:
+    auth = model_server_tokens().authorization(namespace, deployment_name)
+    async with aiohttp.ClientSession(headers=auth) as session:
         for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
             if replica is not None:
                 await _unload(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,9 +15,16 @@ from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import child_name, selector_labels
 from loraserve.kube import Kube
-from loraserve.resources.model_server import build_deployment, build_service, desired_replicas
+from loraserve.resources.model_server import (
+    build_deployment,
+    build_network_policy,
+    build_service,
+    build_token_secret,
+    desired_replicas,
+)
 from loraserve.resources.settings import ManifestSettings
 from loraserve.status import Observed, compute_status
+from loraserve.tokens import ModelServerTokens
 
 RESYNC_SECONDS = 2.0
 _kube: Kube | None = None
@@ -26,6 +35,12 @@ def kube() -> Kube:
     if _kube is None:
         _kube = Kube()
     return _kube
+
+
+@functools.cache
+def model_server_tokens() -> ModelServerTokens:
+    """The install key (a file the chart mounts), read once; the operator's startup calls this first."""
+    return ModelServerTokens.from_file(os.environ.get("LORASERVE_MODEL_SERVER_KEY_FILE"))
 
 
 def _stalled(patch: kopf.Patch, generation: int, reason: str, message: str) -> None:
@@ -67,6 +82,12 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
     if spec.replicas is None:
         # The scale subresource (router wake-ups, the autoscaler, `kubectl scale`) needs the field to exist.
         patch.spec["replicas"] = desired
+    token = model_server_tokens().token(namespace, name)
+    if token is not None and kube().apply_secret(build_token_secret(name, namespace, uid, token)):
+        logger.info(f"applied the model-server token Secret of {name}")
+    policy = build_network_policy(name, namespace, uid, settings)
+    if policy is not None and kube().apply_network_policy(policy):
+        logger.info(f"applied NetworkPolicy {policy['metadata']['name']}")
     if kube().apply_deployment_child(build_deployment(name, namespace, uid, spec, settings, merge_source)):
         logger.info(f"applied apps/v1 Deployment {child_name(name)} (replicas {desired})")
     if kube().apply_service(build_service(name, namespace, uid, spec, settings)):

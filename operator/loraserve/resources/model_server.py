@@ -16,6 +16,7 @@ from loraserve.api.naming import (
     LABEL_COMPONENT,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
+    LABEL_NAME,
     MANAGED_BY,
     MODEL_SERVER_PORT,
     MODEL_SERVER_PORT_NAME,
@@ -24,6 +25,7 @@ from loraserve.api.naming import (
     selector_labels,
 )
 from loraserve.resources.settings import ManifestSettings
+from loraserve.tokens import TOKEN_KEY, token_secret_name
 
 GPU_RESOURCE = {
     AcceleratorType.NVIDIA_A100_80GB: "nvidia.com/gpu",
@@ -95,6 +97,13 @@ def _is_on_node(uri: str) -> bool:
 
 def _local_path(uri: str) -> str:
     return urlparse(uri).path
+
+
+def _token_env(name: str, env_name: str, settings: ManifestSettings) -> list[dict[str, Any]]:
+    """The Deployment's model-server token, straight from its Secret (never in args, the CR or logs)."""
+    if not settings.model_server_auth:
+        return []
+    return [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": token_secret_name(name), "key": TOKEN_KEY}}}]
 
 
 def vllm_args(name: str, spec: DeploymentSpec, model_dir: str) -> list[str]:
@@ -190,6 +199,7 @@ def build_pod_template(
             else []
         ),
         *_user_env(spec),
+        *_token_env(name, "VLLM_API_KEY", settings),  # vLLM's --api-key: /v1/* demands it
     ]
     gpu = GPU_RESOURCE[spec.accelerator_type]
     count = spec.effective_accelerator_count
@@ -228,6 +238,7 @@ def build_pod_template(
     if spec.enable_addons:
         fetcher = _fetch_container("adapter-fetcher", "", ADAPTERS_DIR, spec, settings)
         fetcher["args"] = ["serve", f"--dir={ADAPTERS_DIR}", f"--port={settings.fetcher_port}"]
+        fetcher["env"] = [*fetcher["env"], *_token_env(name, "LORASERVE_MODEL_SERVER_TOKEN", settings)]
         fetcher["ports"] = [{"name": "fetcher", "containerPort": settings.fetcher_port, "protocol": "TCP"}]
         fetcher["readinessProbe"] = {"httpGet": {"path": "/health", "port": "fetcher"}, "periodSeconds": 5}
         fetcher["volumeMounts"] = [
@@ -301,9 +312,8 @@ def build_deployment(
 def build_service(
     name: str, namespace: str, uid: str, spec: DeploymentSpec, settings: ManifestSettings
 ) -> dict[str, Any]:
+    # Only vLLM's port: the fetcher is reached by the operator at each pod's IP, never through the Service.
     ports = [{"name": MODEL_SERVER_PORT_NAME, "port": MODEL_SERVER_PORT, "targetPort": MODEL_SERVER_PORT_NAME}]
-    if spec.enable_addons:
-        ports.append({"name": "fetcher", "port": settings.fetcher_port, "targetPort": "fetcher"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -319,5 +329,60 @@ def build_service(
             "ports": ports,
             # Endpoints of not-yet-ready pods are still published (ready=false) so the router sees them coming.
             "publishNotReadyAddresses": False,
+        },
+    }
+
+
+def build_token_secret(name: str, namespace: str, uid: str, token: str) -> dict[str, Any]:
+    """The Secret the model-server pods read their token from; owned by the CR, so it goes with it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": token_secret_name(name),
+            "namespace": namespace,
+            "labels": _labels(name),
+            "ownerReferences": [owner_reference("Deployment", name, uid)],
+        },
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def build_network_policy(name: str, namespace: str, uid: str, settings: ManifestSettings) -> dict[str, Any] | None:
+    """Model-server pods take ingress from the operator and router pods only (the token is the first wall)."""
+    if settings.control_plane_namespace is None:
+        return None
+    peers = [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.control_plane_namespace}},
+            "podSelector": {
+                "matchExpressions": [
+                    {"key": LABEL_NAME, "operator": "In", "values": ["loraserve-operator", "loraserve-router"]}
+                ]
+            },
+        }
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"{child_name(name)}-model-server",
+            "namespace": namespace,
+            "labels": _labels(name),
+            "ownerReferences": [owner_reference("Deployment", name, uid)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": peers,
+                    "ports": [
+                        {"protocol": "TCP", "port": MODEL_SERVER_PORT},
+                        {"protocol": "TCP", "port": settings.fetcher_port},
+                    ],
+                }
+            ],
         },
     }

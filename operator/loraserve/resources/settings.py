@@ -16,6 +16,11 @@ class ManifestSettings:
     fetcher_port: int = 8001
     # How long a replica may take to load weights before Kubernetes restarts it (startup probe).
     startup_seconds: int = 1800
+    # Model servers demand their Deployment's token (vLLM --api-key via VLLM_API_KEY, the fetcher) when the
+    # operator holds the install key (see loraserve.tokens).
+    model_server_auth: bool = False
+    # Where the operator and router run: model-server pods take ingress from there only (NetworkPolicy).
+    control_plane_namespace: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManifestSettings:
@@ -25,4 +30,6 @@ class ManifestSettings:
             model_server_image=env.get("LORASERVE_MODEL_SERVER_IMAGE", default.model_server_image),
             accelerator_label=env.get("LORASERVE_ACCELERATOR_LABEL", default.accelerator_label),
             region_label=env.get("LORASERVE_REGION_LABEL", default.region_label),
+            model_server_auth=bool(env.get("LORASERVE_MODEL_SERVER_KEY_FILE")),
+            control_plane_namespace=env.get("LORASERVE_CONTROL_PLANE_NAMESPACE") or None,
         )

@@ -21,6 +21,7 @@ from loraserve.router.httpserver import Server
 from loraserve.router.kubeapi import KubeClient, load_credentials
 from loraserve.router.topology import TopologyStore
 from loraserve.router.waker import KubernetesWaker
+from loraserve.tokens import ModelServerTokens
 
 log = logging.getLogger("loraserve.router")
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a namespace to serve (repeat, or comma-separate); default: every namespace",
     )
     p.add_argument("--api-keys-file", type=Path, help="YAML list of {name, sha256, namespaces, deployments}")
+    p.add_argument(
+        "--model-server-key-file",
+        help="the install key (the chart's Secret): each Deployment's model-server token is derived from it",
+    )
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 above)")
     p.add_argument("--key-concurrency", type=int, default=0, help="requests one API key may have at once (0: no limit)")
     p.add_argument("--adapter-poll-interval", type=float, default=2.0, help="seconds between GET /v1/models polls")
@@ -130,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 def build_app(args: argparse.Namespace) -> RouterApp:
     namespaces = [n for item in args.namespace for n in item.split(",") if n]
     store = TopologyStore()
-    poller = AdapterPoller(store, interval=args.adapter_poll_interval)
+    tokens = ModelServerTokens.from_file(args.model_server_key_file)
+    if not tokens.enabled:
+        log.warning("no --model-server-key-file: model servers are called without a token")
+    poller = AdapterPoller(store, interval=args.adapter_poll_interval, tokens=tokens)
     kube: KubeClient | None = None
     source: StaticDiscovery | KubernetesDiscovery
     waker: Waker
@@ -157,7 +165,7 @@ def build_app(args: argparse.Namespace) -> RouterApp:
         connect_timeout=args.connect_timeout,
         access_log=args.access_log,
     )
-    gateway = Gateway(store, waker, keys=keys, config=config)
+    gateway = Gateway(store, waker, keys=keys, config=config, tokens=tokens)
     if isinstance(source, KubernetesDiscovery):
         gateway.ready = source.synced.is_set
     return RouterApp(gateway=gateway, source=source, poller=poller, keys_file=keys_file, kube=kube)
@@ -200,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_serve(args, loop_name))
-    except (KeysFileError, OSError) as exc:
+    except (KeysFileError, OSError, ValueError) as exc:
         log.error("router cannot start: %s", exc)
         return 2
     return 0

@@ -27,6 +27,7 @@ from loraserve.router.topology import (
     loaded_adapters_from_models,
 )
 from loraserve.router.upstream import UpstreamPool, fetch
+from loraserve.tokens import ModelServerTokens
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,15 @@ def collection_path(kind: str, namespace: str | None) -> str:
 class AdapterPoller:
     """Keeps each replica's set of loaded adapters current from its GET /v1/models."""
 
-    def __init__(self, store: TopologyStore, interval: float = 2.0, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: TopologyStore,
+        interval: float = 2.0,
+        timeout: float = 2.0,
+        tokens: ModelServerTokens | None = None,
+    ) -> None:
         self.store = store
+        self.tokens = tokens or ModelServerTokens()
         self.interval = interval
         self.timeout = timeout
         self.pool = UpstreamPool(connect_timeout=timeout, max_idle_per_host=1)
@@ -76,8 +84,9 @@ class AdapterPoller:
     async def poll(self, replica: Replica) -> None:
         self._busy.add(replica)
         try:
+            auth = self.tokens.header_line(*replica.deployment)
             status, body = await fetch(
-                self.pool, replica.host, replica.port, "GET", "/v1/models", time_limit=self.timeout
+                self.pool, replica.host, replica.port, "GET", "/v1/models", time_limit=self.timeout, extra=auth
             )
             if status != 200:
                 return

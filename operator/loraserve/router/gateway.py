@@ -38,6 +38,7 @@ from loraserve.router.metrics import RouterMetrics, Series
 from loraserve.router.model_names import model_ids, parse_model, resolve
 from loraserve.router.topology import DeploymentState, Replica, TopologyStore
 from loraserve.router.upstream import ConnectError, RawHeaders, UpstreamConnection, UpstreamError, UpstreamPool
+from loraserve.tokens import ModelServerTokens
 
 log = logging.getLogger("loraserve.router")
 access_log = logging.getLogger("loraserve.router.access")
@@ -184,8 +185,10 @@ class Gateway:
         keys: KeyRing | None = None,
         config: RouterConfig | None = None,
         metrics: RouterMetrics | None = None,
+        tokens: ModelServerTokens | None = None,
     ) -> None:
         self.store = store
+        self.tokens = tokens or ModelServerTokens()  # each replica demands its Deployment's token
         self.keys = keys
         self.config = config or RouterConfig()
         self.metrics = metrics or RouterMetrics()
@@ -417,6 +420,7 @@ class Gateway:
         rid = request.headers.get(b"x-request-id")
         if rid is not None:
             head += b"x-request-id: " + rid + b"\r\n"
+        head += self.tokens.header_line(*replica.deployment)
         sink = _ProxySink(conn, extra, series, t0, upstream)
         conn.on_pause = upstream.pause
         conn.on_resume = upstream.resume

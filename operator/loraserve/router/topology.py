@@ -40,6 +40,7 @@ class Replica:
     url: str
     host: str
     port: int
+    deployment: DeploymentKey = ("", "")  # whose token the replica demands
     loaded: frozenset[str] = frozenset()  # adapter served names the replica reports loaded (GET /v1/models)
     models_known: bool = False  # True once the replica answered GET /v1/models at least once
     in_flight: int = 0  # requests the router has sent it and not yet finished
@@ -342,7 +343,7 @@ class TopologyStore:
                 replica = state.replicas.get(url)
                 if replica is None:
                     host, port = split_url(url)
-                    replica = Replica(url=url, host=host, port=port)
+                    replica = Replica(url=url, host=host, port=port, deployment=key)
                     new_replicas.append(replica)
                 kept[url] = replica
             state.replicas = kept

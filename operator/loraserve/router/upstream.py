@@ -214,13 +214,20 @@ class _Collect:
 
 
 async def fetch(
-    pool: UpstreamPool, host: str, port: int, method: str, path: str, body: bytes = b"", time_limit: float = 5.0
+    pool: UpstreamPool,
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    time_limit: float = 5.0,
+    extra: bytes = b"",
 ) -> tuple[int, bytes]:
     """A whole small request/response (status, body): the adapter poller uses it."""
     async with asyncio.timeout(time_limit):
         conn = await pool.acquire(host, port)
         sink = _Collect()
-        conn.send(request_bytes(method, host, port, path, body), sink)
+        conn.send(request_bytes(method, host, port, path, body, extra), sink)
         try:
             await sink.done
         except BaseException:

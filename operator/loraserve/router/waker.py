@@ -1,15 +1,16 @@
-"""Waking a Deployment at zero: set its spec.replicas to 1 through the Kubernetes API.
+"""Waking a Deployment at zero: set its replicas to 1 through the scale subresource, and nothing else.
 
-When spec.replicas is 0 the router PATCHes the scale subresource. When the field is absent the scale
-subresource cannot be used at all (kube-apiserver answers 500 "the spec replicas field \".spec.replicas\"
-does not exist" to GET and PATCH), so the router merge-patches spec.replicas on the Deployment itself.
-Either write carries the resourceVersion it read, so a concurrent scale by the autoscaler or a person is
-never overwritten (409: read again); a deployment that already asks for replicas is left alone. RBAC:
-get + patch on deployments and deployments/scale of serving.loraserve.dev.
+The router may only `get` and `patch` deployments/scale (the chart's ClusterRole): it never writes the CR
+itself, so a GitOps tool and the router never fight over the user's spec. The operator sets spec.replicas on
+its first reconcile, so the scale subresource always exists for a Deployment the operator has seen; before
+that (kube-apiserver answers 500 "the spec replicas field ... does not exist"), the router retries briefly.
+The PATCH carries the resourceVersion it read, so a concurrent scale by the autoscaler or a person is never
+overwritten (409: read again); a deployment that already asks for replicas is left alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from loraserve.api.common import GROUP, VERSION
@@ -29,31 +30,33 @@ def scale_path(namespace: str, name: str) -> str:
 
 
 class KubernetesWaker:
-    def __init__(self, client: KubeClient, attempts: int = 3) -> None:
+    def __init__(self, client: KubeClient, attempts: int = 10, retry_delay: float = 0.5) -> None:
         self.client = client
         self.attempts = attempts
+        self.retry_delay = retry_delay
 
     async def wake(self, namespace: str, name: str) -> None:
-        path = deployment_path(namespace, name)
+        path = scale_path(namespace, name)
         for _ in range(self.attempts):
             status, obj = await self.client.request("GET", path, time_limit=5.0)
             if status == 404:
                 return
+            if status == 500:  # spec.replicas not set yet: the operator sets it on its first reconcile
+                await asyncio.sleep(self.retry_delay)
+                continue
             if status != 200 or not isinstance(obj, dict):
                 raise ApiError(status, str(obj)[:200])
-            spec = obj.get("spec") or {}
-            replicas = spec.get("replicas")
-            if isinstance(replicas, int) and replicas > 0:
+            replicas = (obj.get("spec") or {}).get("replicas") or 0
+            if replicas > 0:
                 return
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             patch = {"metadata": {"resourceVersion": rv}, "spec": {"replicas": 1}}
-            target = scale_path(namespace, name) if replicas is not None else path
             status, answer = await self.client.request(
-                "PATCH", target, body=patch, content_type=MERGE_PATCH, time_limit=5.0
+                "PATCH", path, body=patch, content_type=MERGE_PATCH, time_limit=5.0
             )
             if status == 200:
-                log.info("woke %s/%s: spec.replicas %s -> 1", namespace, name, replicas)
+                log.info("woke %s/%s: replicas %s -> 1", namespace, name, replicas)
                 return
             if status != 409:
                 raise ApiError(status, str(answer)[:200])
-        log.warning("waking %s/%s: replicas kept changing under us; giving up this time", namespace, name)
+        log.warning("waking %s/%s: replicas unset or changing under us; giving up this time", namespace, name)
