@@ -1,0 +1,453 @@
+"""The shipped product, driven as a user drives it: the chart installed with helm, manifests applied with
+kubectl, completions asked with the official openai client through the router. The operator and router
+authenticate as the chart's ServiceAccounts; model-server pods really run vLLM for CPU.
+
+The tests run in order and build on each other (one cluster, one install): a multi-LoRA Deployment woken
+from zero, two addons, an A/B split, a rollback flip, locked-down model servers, scaling 1→2→1 under load,
+an RBAC rule taken away, a serverless addon, a live merge, the acting operator killed, scale to zero, the
+dashboard's metrics, and finally deleting everything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+
+from e2e.conftest import TIMINGS
+from e2e.harness import RELEASE, RUN_REGION, RUN_TOLERATION, SYSTEM_NS, Product, run_helm, wait_for
+from loraserve.addons import pool_name
+from loraserve.api.naming import base_model_name
+from loraserve.digest import directory_digest
+from loraserve.tokens import ModelServerTokens
+
+API = "serving.loraserve.dev/v1alpha1"
+PROMPT = "the river and the"
+LOCAL = {"region": RUN_REGION, "tolerations": [RUN_TOLERATION], "extraArgs": ["--max-model-len=256", "--dtype=float32"]}
+# What earlier steps learned and later steps check against.
+seen: dict[str, Any] = {}
+
+
+# -- how a user talks to the product -----------------------------------------------------------------------
+
+
+def apply(product: Product, ns: str, *docs: dict[str, Any]) -> None:
+    product.cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def get(product: Product, ns: str, *what: str) -> Any:
+    result = product.cluster.kubectl("get", *what, "-n", ns, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def status(product: Product, ns: str, kind: str, name: str) -> dict[str, Any]:
+    return (get(product, ns, kind, name) or {}).get("status") or {}
+
+
+def spec_replicas(product: Product, ns: str, name: str) -> int:
+    return int((get(product, ns, "lsd", name) or {}).get("spec", {}).get("replicas", -1))
+
+
+def wait_state(product: Product, ns: str, kind: str, name: str, state: str, timeout: float = 300) -> dict[str, Any]:
+    result: dict[str, Any] = wait_for(
+        lambda: status(product, ns, kind, name).get("state") == state and status(product, ns, kind, name),
+        timeout=timeout,
+        interval=0.5,
+        message=f"{kind}/{name} {state} (now {status(product, ns, kind, name).get('state')})",
+    )
+    return result
+
+
+def client(product: Product) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{product.router_url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def complete(product: Product, model: str, user: str | None = None) -> tuple[str, str]:
+    """(served model name, text) of a greedy completion through the router."""
+    extra = {"user": user} if user else {}
+    out = client(product).completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, **extra)
+    return out.model, out.choices[0].text
+
+
+def model_version(name: str, label: str, base: str, adapter: Path) -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "ModelVersion",
+        "metadata": {"name": name},
+        "spec": {
+            "version": label,
+            "baseModel": {"name": base, "revision": "local"},
+            "adapter": {"uri": f"file://{adapter}", "digest": directory_digest(adapter), "rank": 8},
+        },
+    }
+
+
+def addon(name: str, deployment: str | None, *targets: tuple[str, int]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"targets": [{"modelVersion": m, "weight": w} for m, w in targets]}
+    if deployment:
+        spec["deployment"] = deployment
+    return {"apiVersion": API, "kind": "LoraAddon", "metadata": {"name": name}, "spec": spec}
+
+
+def ready_pod_ips(product: Product, ns: str, deployment: str) -> list[str]:
+    pods = get(product, ns, "pods", "-l", f"serving.loraserve.dev/deployment={deployment}")["items"]
+    return [
+        p["status"]["podIP"]
+        for p in pods
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    ]
+
+
+def acting_operators(product: Product) -> list[int]:
+    """Indexes of live operator processes that are not paused in favour of a peer (Kopf peering)."""
+    acting = []
+    for i, op in enumerate(product.operators):
+        if not op.running:
+            continue
+        log = op.log_text()
+        paused, resumed = log.rfind("Pausing operations in favour of"), log.rfind("Resuming operations")
+        if paused < 0 or resumed > paused:
+            acting.append(i)
+    return acting
+
+
+# -- the suite ---------------------------------------------------------------------------------------------
+
+
+def test_chart_installs_and_exactly_one_operator_acts(product: Product) -> None:
+    assert len(product.operators) == 2  # the chart's default: two replicas, peering keeps one acting
+    assert all(op.running for op in product.operators)
+    wait_for(lambda: len(acting_operators(product)) == 1, timeout=90, interval=1, message="one acting operator")
+    peering = json.loads(product.cluster.kubectl("get", "clusterkopfpeering", "loraserve", "-o", "json").stdout)
+    assert len(peering.get("status") or {}) == 2  # both replicas announce themselves; the higher priority acts
+
+
+def test_multi_lora_deployment_wakes_from_zero_and_reaches_ready(
+    product: Product, user_namespace: str, tiny_model: Path, adapters: dict[str, Path]
+) -> None:
+    ns, base = user_namespace, f"file://{tiny_model}"
+    seen["base"] = base
+    deployment = {
+        "apiVersion": API,
+        "kind": "Deployment",
+        "metadata": {"name": "multi"},
+        "spec": {
+            "baseModel": base,
+            "enableAddons": True,
+            "maxLoraRank": 16,
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "targetLoadPerReplica": 1,
+            "scaleUpWindow": "5s",
+            "scaleDownWindow": "20s",
+            "scaleToZeroWindow": "5m",
+            **LOCAL,
+        },
+    }
+    apply(product, ns, deployment)
+    # A new min-0 Deployment starts at zero: no GPU until someone asks.
+    wait_state(product, ns, "lsd", "multi", "SCALED_TO_ZERO", timeout=60)
+
+    # The first request wakes it; the router holds it until a replica is ready. Where does the time go?
+    marks: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            now = time.monotonic()
+            if "woken" not in marks and spec_replicas(product, ns, "multi") >= 1:
+                marks["woken"] = now
+            pods = (get(product, ns, "pods", "-l", "serving.loraserve.dev/deployment=multi") or {}).get("items", [])
+            if pods and "pod" not in marks:
+                marks["pod"] = now
+            if "ready" not in marks and ready_pod_ips(product, ns, "multi"):
+                marks["ready"] = now
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    asked = time.monotonic()
+    watcher.start()
+    try:
+        stream = client(product).completions.create(
+            model=f"{base_model_name(base)}#multi", prompt=PROMPT, max_tokens=8, temperature=0, stream=True
+        )
+        first_token = None
+        text = ""
+        for chunk in stream:
+            if first_token is None:
+                first_token = time.monotonic()
+            text += chunk.choices[0].text if chunk.choices else ""
+    finally:
+        done.set()
+        watcher.join()
+    assert text
+    assert first_token is not None
+    assert {"woken", "pod", "ready"} <= set(marks), marks
+    seen["base_text"] = text
+    replica_start = marks["ready"] - marks["pod"]
+    TIMINGS["wake from zero: request -> first token"] = first_token - asked
+    TIMINGS["  router wake (request -> spec.replicas 1)"] = marks["woken"] - asked
+    TIMINGS["  operator + controllers (replicas 1 -> pod exists)"] = marks["pod"] - marks["woken"]
+    TIMINGS["  replica start (pod exists -> ready, vLLM CPU)"] = replica_start
+    TIMINGS["  router after ready (ready -> first token)"] = first_token - marks["ready"]
+    wait_state(product, ns, "lsd", "multi", "READY", timeout=120)
+
+
+def test_two_addons_give_different_greedy_completions(
+    product: Product, user_namespace: str, adapters: dict[str, Path]
+) -> None:
+    ns, base = user_namespace, seen["base"]
+    apply(
+        product,
+        ns,
+        model_version("poet-v1", "v1", base, adapters["alpha"]),
+        model_version("poet-v2", "v2", base, adapters["beta"]),
+        model_version("coder-v1", "v1", base, adapters["gamma"]),
+    )
+    applied = time.monotonic()
+    apply(product, ns, addon("poet", "multi", ("poet-v1", 100)), addon("coder", "multi", ("coder-v1", 100)))
+    for name in ("poet", "coder"):
+        wait_state(product, ns, "addon", name, "READY", timeout=300)
+    TIMINGS["adapter load: 2 LoraAddons applied -> both READY"] = time.monotonic() - applied
+    poet, coder = complete(product, "poet#multi"), complete(product, "coder#multi")
+    assert (poet[0], coder[0]) == ("poet-v1", "coder-v1")
+    assert len({seen["base_text"], poet[1], coder[1]}) == 3  # three different models answered
+    assert complete(product, "poet#multi") == poet  # greedy: stable
+    seen["poet-v1"] = poet[1]
+
+
+def test_ab_split_is_seen_in_routed_traffic(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    apply(product, ns, addon("poet", "multi", ("poet-v1", 50), ("poet-v2", 50)))
+    wait_for(
+        lambda: (
+            status(product, ns, "addon", "poet").get("observedGeneration") == 2
+            and status(product, ns, "addon", "poet").get("state") == "READY"
+        ),
+        timeout=300,
+        message="poet 50/50 READY",
+    )
+    served: dict[str, str] = {}
+    for i in range(40):
+        model, text = complete(product, "poet#multi", user=f"user-{i}")
+        served.setdefault(model, text)
+    assert set(served) == {"poet-v1", "poet-v2"}  # both arms answered
+    assert served["poet-v1"] == seen["poet-v1"]
+    assert served["poet-v2"] != served["poet-v1"]
+    seen["poet-v2"] = served["poet-v2"]
+
+
+def test_rollback_is_a_pointer_flip_served_at_once(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    apply(product, ns, addon("poet", "multi", ("poet-v1", 100)))
+    wait_for(lambda: "poet-v2" in (status(product, ns, "addon", "poet").get("retired") or {}), message="v2 kept warm")
+    assert all(complete(product, "poet#multi", user=f"u{i}")[0] == "poet-v1" for i in range(5))
+    # Flip back: v2 never left the replicas, so the very first requests after the flip are v2's.
+    flipped = time.monotonic()
+    apply(product, ns, addon("poet", "multi", ("poet-v2", 100)))
+    _, text = wait_for(
+        lambda: (answer := complete(product, "poet#multi"))[0] == "poet-v2" and answer,
+        timeout=30,
+        interval=0.1,
+        message="poet-v2 served after the flip",
+    )
+    TIMINGS["rollback flip: spec applied -> first answer from the new version"] = time.monotonic() - flipped
+    assert text == seen["poet-v2"]
+
+
+def test_model_servers_refuse_callers_without_the_token(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    (ip, *_) = ready_pod_ips(product, ns, "multi")
+
+    def call(url: str, method: str = "GET", token: str | None = None, body: bytes | None = None) -> int:
+        request = urllib.request.Request(url, data=body, method=method)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    fetch = json.dumps({"name": "evil", "uri": "file:///etc"}).encode()
+    assert call(f"http://{ip}:8000/v1/models") == 401  # vLLM --api-key
+    assert call(f"http://{ip}:8000/v1/unload_lora_adapter", "POST", body=b'{"lora_name":"poet-v1"}') == 401
+    assert call(f"http://{ip}:8001/fetch", "POST", body=fetch) == 401  # the fetcher sidecar
+    assert call(f"http://{ip}:8001/adapters/poet-v1", "DELETE") == 401
+    assert call(f"http://{ip}:8001/fetch", "POST", token="wrong", body=fetch) == 401
+    # The token the operator keeps in the Deployment's Secret opens it (the router and the operator hold it).
+    token = ModelServerTokens(product.model_server_key()).token(ns, "multi")
+    assert call(f"http://{ip}:8000/v1/models", token=token) == 200
+    # The Service publishes vLLM's port only; the token is nowhere in the CR.
+    service = get(product, ns, "service", "multi")
+    assert [p["port"] for p in service["spec"]["ports"]] == [8000]
+    assert token is not None
+    assert token not in json.dumps(get(product, ns, "lsd", "multi"))
+    assert all(token not in op.log_text() for op in product.operators)
+    # ... and the router path still works.
+    assert complete(product, "coder#multi")[0] == "coder-v1"
+
+
+def test_scales_up_to_two_under_load_and_back_to_one(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    model = f"{base_model_name(seen['base'])}#multi"
+    stop = threading.Event()
+    errors: list[Exception] = []
+
+    def client_loop() -> None:
+        while not stop.is_set():
+            try:
+                client(product).completions.create(
+                    model=model, prompt=PROMPT, max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
+                )
+            except Exception as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(
+            lambda: spec_replicas(product, ns, "multi") == 2 or errors, timeout=120, interval=0.5, message="scale to 2"
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[:3]
+    assert "ScaleUp" in status(product, ns, "lsd", "multi")["scaleReason"]
+    # The second replica gets the addons before the router sends it addon traffic.
+    wait_for(lambda: status(product, ns, "addon", "coder").get("loadedReplicas") == 2, timeout=300, message="2/2")
+    wait_for(lambda: spec_replicas(product, ns, "multi") == 1, timeout=180, interval=0.5, message="scale down to 1")
+    assert "ScaleDown" in status(product, ns, "lsd", "multi")["scaleReason"]
+    seen["last_request"] = status(product, ns, "lsd", "multi")["lastRequestTime"]
+
+
+def test_a_missing_rbac_rule_fails_the_matching_path_with_403(
+    product: Product, user_namespace: str, adapters: dict[str, Path]
+) -> None:
+    """The chart rendered without the operator's `create` on our Deployments: the serverless pool cannot be
+    made, and the operator says 403. With the chart's rule back, the same addon gets its pool."""
+    ns = user_namespace
+    role_name = f"{RELEASE}-operator"
+    role = next(d for d in product.manifests if d["kind"] == "ClusterRole" and d["metadata"]["name"] == role_name)
+    crippled = json.loads(json.dumps(role))
+    for rule in crippled["rules"]:
+        if "serving.loraserve.dev" in rule["apiGroups"] and rule["resources"] == ["deployments"]:
+            rule["verbs"] = [v for v in rule["verbs"] if v != "create"]
+    assert crippled != role, "the chart no longer has the rule this test takes away"
+    product.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(crippled))
+    other_base = "hf://example/other-base"
+    pool = pool_name(other_base)
+
+    def refused() -> bool:
+        return any(
+            "403" in (log := op.log_text()) and "cannot create resource" in log and "serving.loraserve.dev" in log
+            for op in product.operators
+        )
+
+    try:
+        assert not refused()
+        apply(
+            product,
+            ns,
+            model_version("solo-v1", "v1", other_base, adapters["gamma"]),
+            addon("solo", None, ("solo-v1", 100)),
+        )
+        wait_for(refused, timeout=60, interval=1, message="the operator's 403")
+        assert get(product, ns, "lsd", pool) is None
+    finally:
+        product.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(role))
+    wait_for(lambda: get(product, ns, "lsd", pool) is not None, timeout=120, interval=1, message="pool created")
+    product.cluster.kubectl("delete", "addon", "solo", "-n", ns)
+    product.cluster.kubectl("delete", "lsd", pool, "-n", ns, "--wait=false")
+
+
+def test_serverless_addon_answers(product: Product, user_namespace: str) -> None:
+    ns, base = user_namespace, seen["base"]
+    apply(product, ns, addon("haiku", None, ("poet-v1", 100)))
+    pool = pool_name(base)
+    wait_for(lambda: status(product, ns, "addon", "haiku").get("deployment") == pool, timeout=60, message="seated")
+    # The pool starts at zero; the first request wakes it and is held until the adapter is loaded.
+    model, text = complete(product, f"haiku#{pool}")
+    assert model == "haiku-v1"
+    assert text == seen["poet-v1"]  # the same adapter as poet v1, served by the shared pool
+
+
+def test_live_merge_serves_base_plus_adapter(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    merged = {
+        "apiVersion": API,
+        "kind": "Deployment",
+        "metadata": {"name": "merged"},
+        "spec": {"modelVersion": "poet-v1", "minReplicas": 1, **LOCAL},
+    }
+    applied = time.monotonic()
+    apply(product, ns, merged)
+    wait_state(product, ns, "lsd", "merged", "READY", timeout=400)
+    TIMINGS["apply -> READY (live merge, minReplicas 1)"] = time.monotonic() - applied
+    _, text = complete(product, "merged#merged")
+    assert text == seen["poet-v1"]  # merged weights answer exactly as base + adapter
+
+
+def test_operator_killed_midway_converges(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    (acting,) = acting_operators(product)
+    product.operators[acting].kill()
+    # A change made while the acting operator is gone: the standby takes over and converges it.
+    apply(product, ns, addon("coder", "multi", ("coder-v1", 50), ("poet-v2", 50)))
+    wait_for(
+        lambda: (
+            status(product, ns, "addon", "coder").get("observedGeneration") == 2
+            and status(product, ns, "addon", "coder").get("state") == "READY"
+        ),
+        timeout=240,
+        interval=1,
+        message="the standby operator converged coder",
+    )
+    product.operators[acting].start()
+    wait_for(lambda: len(acting_operators(product)) == 1, timeout=120, interval=1, message="one acting again")
+    # Versions are served as <addon>-<version label>: poet-v2's adapter is coder-v2 here.
+    assert {complete(product, "coder#multi", user=f"u{i}")[0] for i in range(30)} == {"coder-v1", "coder-v2"}
+
+
+def test_scales_to_zero_after_the_window(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    wait_for(lambda: spec_replicas(product, ns, "multi") == 0, timeout=420, interval=2, message="multi at zero")
+    wait_state(product, ns, "lsd", "multi", "SCALED_TO_ZERO", timeout=120)
+    wait_for(lambda: not ready_pod_ips(product, ns, "multi"), timeout=120, message="no multi pod")
+
+
+def test_deleting_everything_leaves_nothing_behind(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    for kind in ("addon", "lsd", "mv"):
+        product.cluster.kubectl("delete", kind, "--all", "-n", ns, "--timeout=180s")
+    for kind in ("pods", "deployments.apps", "services", "networkpolicies", "secrets", "lsd", "addon", "mv"):
+        wait_for(
+            lambda kind=kind: not get(product, ns, kind)["items"], timeout=180, interval=1, message=f"no {kind} left"
+        )
+    pods_dir = product.workdir / "pods"
+    wait_for(
+        lambda: not subprocess.run(["pgrep", "-f", str(pods_dir)], capture_output=True).stdout.strip(),
+        timeout=120,
+        message="no model-server process left",
+    )
+    # No network namespace holds an address of this suite's pod network any more.
+    for netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
+        if netns.strip():
+            addrs = subprocess.run(["ip", "-n", netns.split()[0], "-o", "addr"], capture_output=True, text=True)
+            assert " 10.244.150." not in addrs.stdout, f"network namespace {netns} left behind"
+    run_helm(product.cluster, "uninstall", RELEASE, "-n", SYSTEM_NS, "--wait")
+    left = product.cluster.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").stdout
+    assert f"{RELEASE}-operator" not in left
+    assert f"{RELEASE}-router" not in left
