@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loraserve.local.cluster import LocalCluster
 from tests.integration.conftest import wait_for
@@ -70,6 +71,9 @@ def test_helm_install_and_uninstall(cluster: LocalCluster, namespace: str) -> No
     op, router = "ls-operator", "ls-router"
     assert can(cluster, namespace, op, "patch", "deployments.serving.loraserve.dev/status")
     assert can(cluster, namespace, op, "create", "deployments.apps")
+    assert can(cluster, namespace, op, "create", "deployments.serving.loraserve.dev")  # the serverless pool
+    assert can(cluster, namespace, op, "create", "secrets")  # model-server tokens: written, never read
+    assert not can(cluster, namespace, op, "list", "secrets")
     assert can(cluster, namespace, op, "patch", "deployments.serving.loraserve.dev/scale")
     assert not can(cluster, namespace, op, "get", "secrets")
     assert not can(cluster, namespace, op, "create", "pods")
@@ -83,3 +87,18 @@ def test_helm_install_and_uninstall(cluster: LocalCluster, namespace: str) -> No
     helm(cluster, "uninstall", "ls", "-n", namespace, "--wait")
     left = cluster.kubectl("get", "deployments.apps", "-n", namespace, "-o", "name").stdout
     assert left.strip() == ""
+
+
+def test_watch_namespaces_get_their_own_peering_objects(cluster: LocalCluster) -> None:
+    """Kopf looks for a namespaced KopfPeering in each watched namespace: the chart must create them, or every
+    operator replica acts."""
+    out = helm(cluster, "template", "ls", str(CHART), "-n", "sys", "--set", "operator.watchNamespaces={team-a,team-b}")
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    peerings = sorted((d["kind"], d["metadata"].get("namespace")) for d in docs if "Peering" in d["kind"])
+    assert peerings == [("KopfPeering", "team-a"), ("KopfPeering", "team-b")]
+    operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ls-operator")
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args
+    assert "--namespace=team-b" in args
+    everywhere = [d for d in yaml.safe_load_all(helm(cluster, "template", "ls", str(CHART), "-n", "sys")) if d]
+    assert [d["kind"] for d in everywhere if "Peering" in d["kind"]] == ["ClusterKopfPeering"]

@@ -23,6 +23,7 @@ from loraserve.api.naming import MODEL_SERVER_PORT, selector_labels
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube, model_server_tokens
 from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_addon_signals
+from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
 from loraserve.resources.settings import ManifestSettings
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
 
@@ -77,8 +78,9 @@ async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons
 
 
 async def _load(
-    session: aiohttp.ClientSession, uid: str, step: addons.ReplicaPlan, fetcher_port: int
+    session: aiohttp.ClientSession, uid: str, step: addons.ReplicaPlan, fetcher_port: int, who: tuple[str, str, str]
 ) -> list[addons.Refusal]:
+    """Fetch and load what `step` asks on its replica; `who` is (namespace, deployment, addon) for metrics."""
     failures = []
     replica = step.replica
     for artifact in step.load:
@@ -101,16 +103,20 @@ async def _load(
                 artifact.served_name, path
             )
             _backoff.pop(key, None)
+            record_adapter_load(*who)
         except AdapterLoadError as exc:
             refusal = addons.Refusal("AdapterLoadFailed", f"{artifact.served_name} on {replica.name}: {exc.message}")
             failures.append(refusal)
             _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF), refusal)
+            record_adapter_load_failure(*who, refusal.reason)
         except _FetchFailed as exc:
             refusal = addons.Refusal(exc.reason, f"{artifact.served_name} on {replica.name}: {exc}")
             failures.append(refusal)
             _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF), refusal)
+            record_adapter_load_failure(*who, refusal.reason)
         except (aiohttp.ClientError, TimeoutError, VllmError) as exc:
             failures.append(addons.Refusal("ReplicaUnreachable", f"{replica.name}: {exc}"))
+            record_adapter_load_failure(*who, "ReplicaUnreachable")
     return failures
 
 
@@ -286,7 +292,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
             if step.unload:
                 await _unload(session, step.replica, step.unload, fetcher_port)
             if step.load:
-                failures += await _load(session, uid, step, fetcher_port)
+                failures += await _load(session, uid, step, fetcher_port, (namespace, deployment_name, name))
         after = await asyncio.gather(*(_observe(session, r.name, r.ip) for r in replicas))
     loaded = sum(1 for r in after if r is not None and wanted_names <= r.loaded)
     total = len(ready_replicas(pods))

@@ -22,6 +22,7 @@ from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube
 from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_signals
+from loraserve.handlers.metrics import forget_deployment
 from loraserve.resources.model_server import desired_replicas
 from loraserve.status import gpu_stockout
 from loraserve.vllm.admin import VllmAdmin, VllmError
@@ -83,66 +84,72 @@ async def deployment_autoscaler(
     last_applied: int = int(status.get("desiredReplicas") or 0)
     last_written = 0.0
     written: dict[str, Any] = {}
-    async with aiohttp.ClientSession() as session:
-        while not stopped:
-            now = time.time()
-            spec = DeploymentSpec.model_validate(dict(body.spec))
-            if spec.replicas is None:  # the deployment handler sets it on first reconcile
+    try:
+        async with aiohttp.ClientSession() as session:
+            while not stopped:
+                now = time.time()
+                spec = DeploymentSpec.model_validate(dict(body.spec))
+                if spec.replicas is None:  # the deployment handler sets it on first reconcile
+                    await stopped.wait(settings.tick)
+                    continue
+                policy.update_settings(ScalingSettings.from_spec(spec))
+                current = desired_replicas(spec)
+                if current > last_applied:
+                    policy.record_request(now)  # woken from outside (the router at zero, or kubectl scale)
+                signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
+                pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(name))
+                ips = [ip for _, ip in ready_replicas(pods)]
+                load = max(signal.in_flight, await _replica_load(session, ips))
+                arrived = 0 if last_total is None else int(signal.requests_total - last_total)
+                last_total = signal.requests_total
+                policy.observe(now, load, arrived, last_request_at=signal.last_request)
+                unschedulable = 1 if gpu_stockout(pods) else 0
+                schedulable = max(
+                    0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable
+                )
+                decision = policy.desired(now, current, schedulable if unschedulable else None)
+                logger.debug(f"load {load:g} (router {signal.in_flight:g}), {current} replicas -> {decision}")
+                new_status: dict[str, Any] = {}
+                if decision.replicas != current:
+                    await asyncio.to_thread(_scale, namespace, name, decision.replicas)
+                    SCALE_DECISIONS.labels(namespace, name, decision.reason.value).inc()
+                    message = f"{current} -> {decision.replicas} replicas: {decision.reason.value} (load {load:g})"
+                    kopf.info(body, reason="Scaled", message=message)
+                    logger.info(message)
+                    new_status.update(
+                        lastScaleTime=_iso(now), scaleReason=f"{decision.reason.value}: {decision.message}".rstrip(": ")
+                    )
+                    current = decision.replicas
+                last_applied = current
+                child = await asyncio.to_thread(kube().get_deployment_child, child_name(name), namespace)
+                ready = int(((child or {}).get("status") or {}).get("readyReplicas") or 0)
+                added = meter.sample(now, ready, spec.effective_accelerator_count)
+                if added:
+                    GPU_SECONDS.labels(namespace, name, spec.accelerator_type.value).inc(added)
+                if policy.last_request_time is not None:
+                    new_status["lastRequestTime"] = _iso(policy.last_request_time)
+                if new_status or now - last_written >= STATUS_EVERY:
+                    new_status["gpuSeconds"] = round(meter.total, 1)
+                    changed = {k: v for k, v in new_status.items() if written.get(k) != v}
+                    if changed:
+                        await asyncio.to_thread(_patch_status, namespace, name, changed)
+                        written.update(changed)
+                    last_written = now
+                gc_age = parse_window(spec.idle_delete_after) if spec.idle_delete_after else settings.idle_delete_after
+                keep = (body.metadata.annotations or {}).get(KEEP_ANNOTATION) == "true"
+                if idle_gc_due(now, policy.last_request_time, created, spec.min_replicas, keep, gc_age):
+                    idle_for = now - (policy.last_request_time or created)
+                    kopf.warn(
+                        body,
+                        reason="IdleDeleted",
+                        message=f"no request for {idle_for:.0f}s (limit {gc_age:.0f}s): deleting",
+                    )
+                    await asyncio.sleep(1.0)  # let the Event land before the object goes
+                    await asyncio.to_thread(
+                        kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
+                    )
+                    return
                 await stopped.wait(settings.tick)
-                continue
-            policy.update_settings(ScalingSettings.from_spec(spec))
-            current = desired_replicas(spec)
-            if current > last_applied:
-                policy.record_request(now)  # woken from outside (the router at zero, or kubectl scale)
-            signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
-            pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(name))
-            ips = [ip for _, ip in ready_replicas(pods)]
-            load = max(signal.in_flight, await _replica_load(session, ips))
-            arrived = 0 if last_total is None else int(signal.requests_total - last_total)
-            last_total = signal.requests_total
-            policy.observe(now, load, arrived, last_request_at=signal.last_request)
-            unschedulable = 1 if gpu_stockout(pods) else 0
-            schedulable = max(0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable)
-            decision = policy.desired(now, current, schedulable if unschedulable else None)
-            logger.debug(f"load {load:g} (router {signal.in_flight:g}), {current} replicas -> {decision}")
-            new_status: dict[str, Any] = {}
-            if decision.replicas != current:
-                await asyncio.to_thread(_scale, namespace, name, decision.replicas)
-                SCALE_DECISIONS.labels(namespace, name, decision.reason.value).inc()
-                message = f"{current} -> {decision.replicas} replicas: {decision.reason.value} (load {load:g})"
-                kopf.info(body, reason="Scaled", message=message)
-                logger.info(message)
-                new_status.update(
-                    lastScaleTime=_iso(now), scaleReason=f"{decision.reason.value}: {decision.message}".rstrip(": ")
-                )
-                current = decision.replicas
-            last_applied = current
-            child = await asyncio.to_thread(kube().get_deployment_child, child_name(name), namespace)
-            ready = int(((child or {}).get("status") or {}).get("readyReplicas") or 0)
-            added = meter.sample(now, ready, spec.effective_accelerator_count)
-            if added:
-                GPU_SECONDS.labels(namespace, name, spec.accelerator_type.value).inc(added)
-            if policy.last_request_time is not None:
-                new_status["lastRequestTime"] = _iso(policy.last_request_time)
-            if new_status or now - last_written >= STATUS_EVERY:
-                new_status["gpuSeconds"] = round(meter.total, 1)
-                changed = {k: v for k, v in new_status.items() if written.get(k) != v}
-                if changed:
-                    await asyncio.to_thread(_patch_status, namespace, name, changed)
-                    written.update(changed)
-                last_written = now
-            gc_age = parse_window(spec.idle_delete_after) if spec.idle_delete_after else settings.idle_delete_after
-            keep = (body.metadata.annotations or {}).get(KEEP_ANNOTATION) == "true"
-            if idle_gc_due(now, policy.last_request_time, created, spec.min_replicas, keep, gc_age):
-                idle_for = now - (policy.last_request_time or created)
-                kopf.warn(
-                    body,
-                    reason="IdleDeleted",
-                    message=f"no request for {idle_for:.0f}s (limit {gc_age:.0f}s): deleting",
-                )
-                await asyncio.sleep(1.0)  # let the Event land before the object goes
-                await asyncio.to_thread(
-                    kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
-                )
-                return
-            await stopped.wait(settings.tick)
+
+    finally:
+        forget_deployment(namespace, name)  # a deleted Deployment leaves no stale gauges

@@ -14,6 +14,7 @@ from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import child_name, selector_labels
+from loraserve.handlers.metrics import record_replicas
 from loraserve.kube import Kube
 from loraserve.resources.model_server import (
     build_deployment,
@@ -97,6 +98,7 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
         pods=kube().list_pods(namespace, selector_labels(name)),
     )
     status = compute_status(spec, generation, desired, observed, previous, datetime.now(UTC))
+    record_replicas(namespace, name, int(status.get("desiredReplicas") or 0), int(status.get("readyReplicas") or 0))
     status["selector"] = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
     status["endpoint"] = f"http://{child_name(name)}.{namespace}.svc:8000"
     _report_transition(body, previous, status)
