@@ -19,3 +19,6 @@ securityContext:
   capabilities: {drop: [ALL]}
   seccompProfile: {type: RuntimeDefault}
 {{- end -}}
+{{- define "loraserve.modelServerKeySecret" -}}
+{{ .Values.modelServerKey.existingSecret | default (printf "%s-model-server-key" .Release.Name) }}
+{{- end -}}

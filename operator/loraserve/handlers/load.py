@@ -30,7 +30,7 @@ def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
 class AutoscalerSettings:
     tick: float = 2.0
     router_metrics_urls: tuple[str, ...] = ()
-    router_service: str | None = None  # "name.namespace": scrape every ready router pod behind it
+    router_service: str | None = None  # "name.namespace[:port]": scrape every ready router pod behind it
     idle_delete_after: float = 7 * 86400.0
 
     @classmethod
@@ -62,13 +62,14 @@ async def _router_urls(settings: AutoscalerSettings) -> list[str]:
         return list(settings.router_metrics_urls)
     if settings.router_service is None:
         return []
-    name, _, namespace = settings.router_service.partition(".")
+    service, _, port = settings.router_service.partition(":")  # "name.namespace[:port]" (port: the router's)
+    name, _, namespace = service.partition(".")
     pods = await asyncio.to_thread(
         kube().list_pods,
         namespace,
         {"app.kubernetes.io/name": "loraserve-router", "app.kubernetes.io/instance": name.removesuffix("-router")},
     )
-    return [f"http://{ip}:8080/metrics" for _, ip in ready_replicas(pods)]
+    return [f"http://{ip}:{port or 8080}/metrics" for _, ip in ready_replicas(pods)]
 
 
 async def router_signals(
