@@ -65,9 +65,9 @@ def run_helm(cluster: LocalCluster, *args: str, check: bool = True) -> subproces
     return result
 
 
-def service_account_kubeconfig(cluster: LocalCluster, account: str, out: Path) -> Path:
-    """A kubeconfig that authenticates as system:serviceaccount:<SYSTEM_NS>:<account> (TokenRequest API)."""
-    token = cluster.kubectl("create", "token", account, "-n", SYSTEM_NS, "--duration=6h").stdout.strip()
+def service_account_kubeconfig(cluster: LocalCluster, account: str, out: Path, namespace: str = SYSTEM_NS) -> Path:
+    """A kubeconfig that authenticates as system:serviceaccount:<namespace>:<account> (TokenRequest API)."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=6h").stdout.strip()
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
     config = {
         "apiVersion": "v1",
@@ -179,6 +179,7 @@ class Product:
             ],
             stdout=open(self.workdir / "nodeagent.log", "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         args = ["install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", "--wait=false"]
         for value in self.set_values:
