@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.fixtures.models import adapter_dirs, tiny_model_dir
 from tests.fixtures.vllm_server import vllm_python
 
 from e2e.harness import RUN_REGION, RUN_TOLERATION, Product
@@ -85,13 +84,3 @@ def user_namespace(product: Product) -> str:
     name = f"team-{uuid.uuid4().hex[:6]}"
     product.cluster.kubectl("create", "namespace", name)
     return name
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    return tiny_model_dir()
-
-
-@pytest.fixture(scope="session")
-def adapters() -> dict[str, Path]:
-    return adapter_dirs()

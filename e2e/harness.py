@@ -23,14 +23,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tests.fixtures.wait import wait_for
 
 from loraserve.local.cluster import LocalCluster, free_port
 
@@ -45,17 +44,6 @@ RUN_TOLERATION = {
     "value": "run",
     "effect": "NoSchedule",
 }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message or 'condition'}")
-        time.sleep(interval)
 
 
 def run_helm(cluster: LocalCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 eval "$(bash hack/setup.sh)"
 
-.venv/bin/ruff check operator tests hack e2e
-.venv/bin/ruff format --check operator tests hack e2e
+.venv/bin/ruff check operator tests hack e2e conftest.py
+.venv/bin/ruff format --check operator tests hack e2e conftest.py
 .venv/bin/lint-imports
 .venv/bin/mypy
 .venv/bin/python -m loraserve.crdgen --check

@@ -75,26 +75,19 @@ class Kube:
         return True
 
     def apply_secret(self, manifest: dict[str, Any]) -> bool:
-        """Server-side apply of a Secret the operator owns. Written at most once per process and object: the
-        operator may create and patch Secrets but never read them (no get, list or watch)."""
-        meta = manifest["metadata"]
-        key = ("Secret", meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
-        if key in self._applied:
-            return False
-        self.core.patch_namespaced_secret(
-            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
-        )
-        self._applied.add(key)
-        return True
+        """Server-side apply of a Secret the operator owns. The operator may create and patch Secrets but never
+        read them (no get, list or watch), so it writes each once per process instead of comparing."""
+        return self._apply_once(manifest, self.core.patch_namespaced_secret)
 
     def apply_network_policy(self, manifest: dict[str, Any]) -> bool:
+        return self._apply_once(manifest, self.networking.patch_namespaced_network_policy)
+
+    def _apply_once(self, manifest: dict[str, Any], patch: Any) -> bool:
         meta = manifest["metadata"]
-        key = ("NetworkPolicy", meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
+        key = (manifest["kind"], meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
         if key in self._applied:
             return False
-        self.networking.patch_namespaced_network_policy(
-            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
-        )
+        patch(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
         self._applied.add(key)
         return True
 

@@ -7,7 +7,6 @@ import http.server
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -16,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from loraserve.local.cluster import LocalCluster, free_port
+from tests.fixtures.wait import wait_for
+
+__all__ = ["wait_for"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -225,14 +227,3 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, message: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
