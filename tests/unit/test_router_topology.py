@@ -55,6 +55,14 @@ def test_addon_target_without_model_version_is_left_out() -> None:
     assert [v.served_name for v in views[("default", "d")].addons["bot"]] == ["bot-v1"]
 
 
+def test_serverless_addon_is_served_by_the_pool_the_operator_seated_it_in() -> None:
+    seated = addon("haiku", "", [("bot-v1", 100)])
+    seated["status"] = {"deployment": "serverless-pool"}  # the operator's decision lives in status
+    unseated = addon("later", "", [("bot-v1", 100)])
+    views = build_deployments([deployment("serverless-pool")], [seated, unseated], [model_version("bot-v1", "v1")], [])
+    assert list(views[("default", "serverless-pool")].addons) == ["haiku"]
+
+
 def test_endpoint_conditions_and_ports() -> None:
     sl = endpoint_slice("d", ["10.0.0.1"], ready=None)  # unknown readiness counts as ready
     sl["endpoints"].append({"addresses": ["10.0.0.2"], "conditions": {"ready": True, "terminating": True}})

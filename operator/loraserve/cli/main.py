@@ -1,34 +1,64 @@
-"""`loraserve` command line: run the operator (more commands: the CLI issue)."""
+"""`loraserve`: the firectl-like verbs (`commands`) and `loraserve operator`, which runs the operator.
+
+`python -m loraserve.cli.main` and the `loraserve` console script are the same entry point. The operator's
+flags are the ones the Helm chart renders (`operator --liveness=... --metrics-port=... --namespace=...`).
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+import click
+
+from loraserve.cli import manifests
+from loraserve.cli.commands import CliError, ExitCode, api_error, cli, refused
+from loraserve.cli.kubeclient import KubeError
+
+
+@cli.command("operator")
+@click.option(
+    "--namespace", "-n", "namespaces", multiple=True, metavar="NAMESPACE", help="watch only these (default: all)"
+)
+@click.option("--standalone", is_flag=True, help="no peering (a single operator, e.g. local runs)")
+@click.option("--liveness", default=None, help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+@click.option("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+@click.option("--verbose", "-v", is_flag=True)
+def operator_command(
+    namespaces: tuple[str, ...], standalone: bool, liveness: str | None, metrics_port: int, verbose: bool
+) -> None:
+    """Run the operator against the current kubeconfig or in-cluster."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from loraserve.operator_main import run
+
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    run(list(namespaces), standalone, liveness)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loraserve", description="loraserve: fine-tuned LLMs on Kubernetes")
-    sub = parser.add_subparsers(dest="command", required=True)
-    op = sub.add_parser("operator", help="run the operator against the current kubeconfig or in-cluster")
-    op.add_argument("--namespace", "-n", action="append", default=[], help="watch only these (default: all)")
-    op.add_argument("--standalone", action="store_true", help="no peering (a single operator, e.g. local runs)")
-    op.add_argument("--liveness", default=None, help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
-    op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
-    op.add_argument("--verbose", "-v", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command == "operator":
-        from loraserve.operator_main import run
-
-        if args.metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(args.metrics_port)
-        run(args.namespace, args.standalone, args.liveness)
-    return 0
+    """Runs one command; returns its exit code (`commands.ExitCode`)."""
+    try:
+        code = cli.main(args=argv, prog_name="loraserve", standalone_mode=False)
+    except manifests.Refused as exc:
+        error = refused(exc)
+    except KubeError as exc:
+        error = api_error(exc)
+    except CliError as exc:
+        error = exc
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    else:
+        return int(code or 0)
+    error.show()
+    return error.exit_code
 
 
 if __name__ == "__main__":

@@ -360,7 +360,8 @@ async def loraaddon_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logg
 @kopf.on.delete(GROUP, VERSION, "loraaddons")
 async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
-    deployment_name = dict(body.spec).get("deployment")
+    # A serverless addon is unloaded from the pool it was seated in (status.deployment).
+    deployment_name = dict(body.spec).get("deployment") or dict(body.status or {}).get("deployment")
     if not deployment_name:
         return
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))

@@ -205,7 +205,11 @@ def build_deployments(
             continue
         target_deployment = spec.get("deployment")
         if not isinstance(target_deployment, str) or not target_deployment:
-            continue  # the serverless pool is not served by this router
+            # A serverless addon: the operator seats it in its base model's pool and says which in status.
+            status = addon.get("status")
+            target_deployment = status.get("deployment") if isinstance(status, Mapping) else None
+            if not isinstance(target_deployment, str) or not target_deployment:
+                continue  # not seated yet
         routable: list[AdapterVersion] = []
         for target in spec.get("targets") or []:
             if not isinstance(target, Mapping):
