@@ -298,6 +298,27 @@ def test_model_servers_refuse_callers_without_the_token(product: Product, user_n
     assert complete(product, "coder#multi")[0] == "coder-v1"
 
 
+def test_operator_killed_midway_converges(product: Product, user_namespace: str) -> None:
+    ns = user_namespace
+    (acting,) = acting_operators(product)
+    product.operators[acting].kill()
+    # A change made while the acting operator is gone: the standby takes over and converges it.
+    apply(product, ns, addon("coder", "multi", ("coder-v1", 50), ("poet-v2", 50)))
+    wait_for(
+        lambda: (
+            status(product, ns, "addon", "coder").get("observedGeneration") == 2
+            and status(product, ns, "addon", "coder").get("state") == "READY"
+        ),
+        timeout=240,
+        interval=1,
+        message=lambda: f"the standby operator converged coder; status {status(product, ns, 'addon', 'coder')}",
+    )
+    product.operators[acting].start()
+    wait_for(lambda: len(acting_operators(product)) == 1, timeout=120, interval=1, message="one acting again")
+    # Versions are served as <addon>-<version label>: poet-v2's adapter is coder-v2 here.
+    assert {complete(product, "coder#multi", user=f"u{i}")[0] for i in range(30)} == {"coder-v1", "coder-v2"}
+
+
 def test_scales_up_to_two_under_load_and_back_to_one(product: Product, user_namespace: str) -> None:
     ns = user_namespace
     model = f"{base_model_name(seen['base'])}#multi"
@@ -405,27 +426,6 @@ def test_live_merge_serves_base_plus_adapter(product: Product, user_namespace: s
     TIMINGS["apply -> READY (live merge, minReplicas 1)"] = time.monotonic() - applied
     _, text = complete(product, "merged#merged")
     assert text == seen["poet-v1"]  # merged weights answer exactly as base + adapter
-
-
-def test_operator_killed_midway_converges(product: Product, user_namespace: str) -> None:
-    ns = user_namespace
-    (acting,) = acting_operators(product)
-    product.operators[acting].kill()
-    # A change made while the acting operator is gone: the standby takes over and converges it.
-    apply(product, ns, addon("coder", "multi", ("coder-v1", 50), ("poet-v2", 50)))
-    wait_for(
-        lambda: (
-            status(product, ns, "addon", "coder").get("observedGeneration") == 2
-            and status(product, ns, "addon", "coder").get("state") == "READY"
-        ),
-        timeout=240,
-        interval=1,
-        message="the standby operator converged coder",
-    )
-    product.operators[acting].start()
-    wait_for(lambda: len(acting_operators(product)) == 1, timeout=120, interval=1, message="one acting again")
-    # Versions are served as <addon>-<version label>: poet-v2's adapter is coder-v2 here.
-    assert {complete(product, "coder#multi", user=f"u{i}")[0] for i in range(30)} == {"coder-v1", "coder-v2"}
 
 
 def test_scales_to_zero_after_the_window(product: Product, user_namespace: str) -> None:

@@ -248,7 +248,9 @@ def follow(kube: KubeClient, kind: m.Kind, name: str, timeout: str, until_gone: 
                 task = progress.add_task(name, total=None, detail="")
 
                 def show(seen: views.Observation) -> None:
-                    detail = f"{seen.reason}: {seen.message}" if seen.failed else ""
+                    # The whole reason is printed when the wait ends; the live row keeps its columns.
+                    detail = seen.line().split(" · ", 2)[-1] if seen.failed else ""
+                    detail = detail if len(detail) <= 60 else detail[:59] + "…"
                     progress.update(
                         task,
                         description=f"{name}: {seen.state or 'PENDING'}" if seen.exists else f"{name}: gone",
@@ -259,9 +261,13 @@ def follow(kube: KubeClient, kind: m.Kind, name: str, timeout: str, until_gone: 
 
                 outcome, last = views.follow(name, kube.watch(kind.plural, name, seconds), show, until_gone=until_gone)
         else:
+            printed: list[str] = []
 
             def show(seen: views.Observation) -> None:
-                err.print(f"[{time.monotonic() - started:5.0f}s] {seen.line()}", markup=False)
+                line = seen.line()
+                if not printed or printed[-1] != line:  # a log: one line per visible change
+                    printed.append(line)
+                    err.print(f"[{time.monotonic() - started:5.0f}s] {line}", markup=False)
 
             outcome, last = views.follow(name, kube.watch(kind.plural, name, seconds), show, until_gone=until_gone)
     except KeyboardInterrupt:
@@ -427,7 +433,9 @@ def _show_one(kind: m.Kind, obj: dict[str, Any]) -> None:
     for type_ in ("Ready", "Reconciling", "Stalled"):
         cond = views.condition(obj, type_)
         if cond:
-            line = f"  {type_}={cond.get('status')} {cond.get('reason', '')}: {cond.get('message', '')}"
+            reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
+            text = message if message.startswith(reason) else f"{reason}: {message}"
+            line = f"  {type_}={cond.get('status')} {text}"
             console.print(line, markup=False)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ class KubeClient:
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None) -> None:
         self.api, default_namespace = _connect(kubeconfig, context)
+        if not self.api.configuration.verify_ssl:
+            # The kubeconfig asks for it (insecure-skip-tls-verify); kubectl does not warn on each request either.
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
         self.namespace = namespace or default_namespace
         self.custom: Any = client.CustomObjectsApi(self.api)
 

@@ -370,7 +370,7 @@ def rollback_patch(addon: Mapping[str, Any], to: str, versions: Mapping[str, Map
 
 
 # -- admission refusals ------------------------------------------------------------------------------------
-_INVALID_VALUE = re.compile(r'^Invalid value: ("(?:[^"\\]|\\.)*"|[^\s:]+): ')
+_INVALID_VALUE = re.compile(r'^Invalid value: (?:(?:"(?:[^"\\]|\\.)*"|[^\s:]+): )?')
 
 
 def admission_lines(status: Mapping[str, Any]) -> list[str]:

@@ -3,7 +3,8 @@
 `--wait` follows kstatus, as Flux and Argo CD do: an object is done when its `Ready` condition is True for its
 current generation (`status.observedGeneration` equals `metadata.generation`), which for a Deployment is READY,
 or SCALED_TO_ZERO when minReplicas is 0 and nothing asked for it yet; it has failed when `Stalled` is True for
-its current generation (state FAILED: GPUStockout, BaseModelMismatch, AdapterLoadFailed, ...).
+its current generation (state FAILED: GPUStockout, BaseModelMismatch, AdapterLoadFailed, ...). A state that says
+the object is still moving (CREATING, UPDATING, LOADING) is never done, whatever `Ready` says.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from typing import Any
 from loraserve.api.naming import base_model_name
 
 Obj = Mapping[str, Any]
+
+
+# States that say the object is still on its way, whatever the conditions say: status is written in partial
+# patches, and a state and the conditions of two reconciles can meet for a moment.
+MOVING = frozenset({"CREATING", "UPDATING", "LOADING", "DELETING", "FAILED"})
 
 
 class Outcome(enum.Enum):
@@ -53,8 +59,9 @@ class Observation:
         parts = [f"{self.name}: {self.state or 'PENDING'}"]
         if self.desired is not None:
             parts.append(f"{self.ready or 0}/{self.desired} ready")
-        if self.failed or (self.reason and not self.done and self.reason not in ("Creating", "RollingOut")):
-            parts.append(f"{self.reason}: {self.message}" if self.message else self.reason)
+        if self.failed and self.reason:
+            shown = self.message if self.message.startswith(self.reason) else f"{self.reason}: {self.message}"
+            parts.append(shown if self.message else self.reason)
         return " · ".join(parts)
 
 
@@ -84,7 +91,7 @@ def observe(name: str, obj: Obj | None) -> Observation:
         reason=str(shown.get("reason") or ""),
         message=str(shown.get("message") or status.get("message") or ""),
         current=current,
-        done=current and ready_cond.get("status") == "True" and not is_stalled,
+        done=current and ready_cond.get("status") == "True" and not is_stalled and status.get("state") not in MOVING,
         failed=is_stalled,
     )
 
