@@ -447,6 +447,18 @@ def test_dashboard_queries_only_metrics_the_live_product_exports(product: Produc
     assert wanted <= exported, sorted(wanted - exported)
 
 
+def pod_processes(pods_dir: Path) -> list[str]:
+    """Processes the local runtime started for pods (each runs in its pod's directory): vLLM, the fetcher."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cwd").readlink().is_relative_to(pods_dir):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120])
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return str(resp.read().decode())
@@ -472,11 +484,10 @@ def test_deleting_everything_leaves_nothing_behind(product: Product, user_namesp
         wait_for(
             lambda kind=kind: not get(product, ns, kind)["items"], timeout=180, interval=1, message=f"no {kind} left"
         )
-    pods_dir = product.workdir / "pods"
     wait_for(
-        lambda: not subprocess.run(["pgrep", "-f", str(pods_dir)], capture_output=True).stdout.strip(),
+        lambda: not pod_processes(product.workdir / "pods"),
         timeout=120,
-        message="no model-server process left",
+        message=lambda: f"no model-server process left; still running: {pod_processes(product.workdir / 'pods')}",
     )
     # No network namespace holds an address of this suite's pod network any more.
     for netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):

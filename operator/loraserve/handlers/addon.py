@@ -201,8 +201,8 @@ def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, A
         elif previous.get("state") != status["state"]:
             kopf.info(body, reason=status["reason"], message=status["message"])
     del status["reason"]
-    for key, value in status.items():
-        if previous.get(key) != value:
+    if any(previous.get(k) != v for k, v in status.items()):  # the whole status or nothing (see deployment.py)
+        for key, value in status.items():
             patch.status[key] = value
 
 

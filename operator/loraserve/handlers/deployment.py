@@ -102,9 +102,11 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
     status["selector"] = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
     status["endpoint"] = f"http://{child_name(name)}.{namespace}.svc:8000"
     _report_transition(body, previous, status)
-    changed = {k: v for k, v in status.items() if previous.get(k) != v}
-    for key, value in changed.items():
-        patch.status[key] = value
+    # Nothing changed: no write. Anything changed: the whole status, so that a stale `previous` (a timer and
+    # an event handler racing) can never leave a mix of old and new fields (UPDATING beside Ready=True).
+    if any(previous.get(k) != v for k, v in status.items()):
+        for key, value in status.items():
+            patch.status[key] = value
 
 
 def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[str, Any]) -> None:
