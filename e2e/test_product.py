@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -296,6 +297,36 @@ def test_model_servers_refuse_callers_without_the_token(product: Product, user_n
     assert all(token not in op.log_text() for op in product.operators)
     # ... and the router path still works.
     assert complete(product, "coder#multi")[0] == "coder-v1"
+
+
+def loraserve(product: Product, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `loraserve` CLI as a user runs it, against the user's kubeconfig."""
+    env = {**product.cluster.env(), "COLUMNS": "160"}
+    return subprocess.run(
+        [sys.executable, "-m", "loraserve.cli.main", *args], env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_cli_loads_a_local_adapter_that_then_answers(
+    product: Product, user_namespace: str, adapters: dict[str, Path]
+) -> None:
+    ns = user_namespace
+    adapter, base = str(adapters["alpha"]), seen["base"]
+    made = loraserve(product, "create", "model-version", "cli-v1", "--base", base, "--adapter", adapter, "-n", ns)
+    assert made.returncode == 0, made.stdout + made.stderr
+    digest = get(product, ns, "mv", "cli-v1")["spec"]["adapter"]["digest"]
+    assert digest == directory_digest(adapters["alpha"])  # computed from the local directory
+    loaded = loraserve(product, "load-lora", "cli-v1", "--deployment", "multi", "--wait", "-n", ns)
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert "READY" in loaded.stdout + loaded.stderr  # the live progress ended on the addon's state
+    # The same adapter as poet v1, loaded by the CLI under its own name: the same greedy answer.
+    assert complete(product, "cli#multi") == ("cli-v1", seen["poet-v1"])
+    refused = loraserve(product, "update", "deployment", "multi", "--region", "elsewhere", "-n", ns)
+    assert refused.returncode == 3  # admission refused it, and the CLI says only which field and why
+    assert "spec.region" in refused.stdout + refused.stderr
+    unloaded = loraserve(product, "unload-lora", "cli", "-n", ns)
+    assert unloaded.returncode == 0, unloaded.stdout + unloaded.stderr
+    wait_for(lambda: get(product, ns, "addon", "cli") is None, timeout=120, interval=1, message="cli addon gone")
 
 
 def test_operator_killed_midway_converges(product: Product, user_namespace: str) -> None:

@@ -93,16 +93,33 @@ async def test_request_at_zero_wakes_the_deployment(routed: tuple[str, KubeClien
     assert await replicas(kube, ns) is None
     async with aiohttp.ClientSession() as s:
         body = {"model": "support-bot#llama-multi", "prompt": "hi"}
+        # Before the operator's first reconcile sets spec.replicas there is no scale to patch, and the router
+        # never writes the CR itself (its role may not; GitOps would revert it): the request just waits.
+        early = asyncio.create_task(s.post(f"http://127.0.0.1:{port}/v1/completions", json=body))
+        await wait_until(lambda: gateway.holds.count((ns, "llama-multi")) == 1, "the request to be held")
+        await asyncio.sleep(1.0)
+        assert await replicas(kube, ns) is None
+        early.cancel()
+        await asyncio.gather(early, return_exceptions=True)
+        await wait_until(lambda: gateway.holds.count() == 0, "the early request to go")
+        # The operator's first reconcile (played here) sets spec.replicas: 0 on a min-0 Deployment.
+        status, _ = await kube.request(
+            "PATCH",
+            deployment_path(ns, "llama-multi"),
+            body={"spec": {"replicas": 0}},
+            content_type="application/merge-patch+json",
+        )
+        assert status == 200
         request = asyncio.create_task(s.post(f"http://127.0.0.1:{port}/v1/completions", json=body))
         await wait_until(lambda: gateway.holds.count((ns, "llama-multi")) == 1, "the request to be held")
         for _ in range(600):
             if await replicas(kube, ns) == 1:
                 break
             await asyncio.sleep(0.05)
-        assert await replicas(kube, ns) == 1  # spec.replicas was absent: the CR itself was patched
+        assert await replicas(kube, ns) == 1  # through the scale subresource
         assert not request.done()  # woken while the request waits, not after
 
-        # Back at zero (the scale subresource now works): the next wake goes through it.
+        # Back at zero: the next wake goes through the scale subresource again.
         status, _ = await kube.request(
             "PATCH",
             scale_path(ns, "llama-multi"),
