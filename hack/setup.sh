@@ -8,5 +8,12 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install --quiet --no-input -e '.[dev]' >&2
 command -v ip >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; } >&2
-echo "export LORASERVE_BIN_DIR=$(bash hack/build-cluster-bins.sh)"
-echo "export LORASERVE_VLLM_PYTHON=$(bash hack/install-vllm.sh)"
+# The two heavy builds are independent (Go compile vs. downloads): run them side by side on a cold machine.
+vllm_out=$(mktemp)
+bash hack/install-vllm.sh >"$vllm_out" &
+vllm_pid=$!
+bin_dir=$(bash hack/build-cluster-bins.sh)
+wait "$vllm_pid"
+echo "export LORASERVE_BIN_DIR=$bin_dir"
+echo "export LORASERVE_VLLM_PYTHON=$(cat "$vllm_out")"
+rm -f "$vllm_out"
