@@ -204,6 +204,7 @@ class Product:
             folder.mkdir(parents=True, exist_ok=True)
             for key, value in (secret.get("data") or {}).items():
                 (folder / key).write_bytes(base64.b64decode(value))
+                (folder / key).chmod(0o600)
             mounts[mount["mountPath"]] = folder
         return mounts
 

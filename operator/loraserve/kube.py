@@ -4,6 +4,7 @@ the official client, with server-side apply for the objects the operator owns.""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from kubernetes import client, config
@@ -13,6 +14,9 @@ from loraserve.resources.model_server import SPEC_HASH_ANNOTATION
 
 FIELD_MANAGER = "loraserve-operator"
 APPLY = "application/apply-patch+yaml"
+# Objects the operator writes but may not read (Secrets) are written again this often, so one deleted by
+# hand comes back without an operator restart.
+REAPPLY_SECONDS = 600.0
 
 
 def load_config() -> None:
@@ -30,7 +34,7 @@ class Kube:
         self.apps: Any = client.AppsV1Api(self.api)
         self.custom: Any = client.CustomObjectsApi(self.api)
         self.networking: Any = client.NetworkingV1Api(self.api)
-        self._applied: set[tuple[str, str, str, int]] = set()  # owned objects written by this process
+        self._applied: dict[tuple[str, str, str, int], float] = {}  # owned objects written, and when
 
     def _get(self, read: Any, name: str, namespace: str) -> dict[str, Any] | None:
         try:
@@ -85,10 +89,10 @@ class Kube:
     def _apply_once(self, manifest: dict[str, Any], patch: Any) -> bool:
         meta = manifest["metadata"]
         key = (manifest["kind"], meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
-        if key in self._applied:
+        if time.monotonic() - self._applied.get(key, -REAPPLY_SECONDS) < REAPPLY_SECONDS:
             return False
         patch(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
-        self._applied.add(key)
+        self._applied[key] = time.monotonic()
         return True
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:

@@ -19,8 +19,7 @@ PEERING_NAME = "loraserve"
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     load_config()
-    # Settings that can be wrong are read now, so a bad one stops the start with its reason.
-    if not model_server_tokens().enabled:
+    if not model_server_tokens().enabled:  # read (and checked) by run() before Kopf starts
         logging.getLogger(__name__).warning(
             "no LORASERVE_MODEL_SERVER_KEY_FILE: model servers accept requests from anyone who reaches them"
         )
@@ -37,6 +36,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def run(namespaces: list[str] | None = None, standalone: bool = False, liveness: str | None = None) -> None:
+    try:  # a bad setting stops the start with its reason (Kopf would retry a failing startup handler forever)
+        model_server_tokens()
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"loraserve operator cannot start: {exc}") from None
     asyncio.run(
         kopf.operator(
             clusterwide=not namespaces,

@@ -10,6 +10,7 @@ every token on the next reconcile. Pure: no I/O but reading the key file once at
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class ModelServerTokens:
     def token(self, namespace: str, name: str) -> str | None:
         if self.key is None:
             return None
-        return hmac.new(self.key, f"{namespace}/{name}".encode(), hashlib.sha256).hexdigest()
+        return _derive(self.key, namespace, name)
 
     def authorization(self, namespace: str, name: str) -> dict[str, str]:
         """The request header that a model server of this Deployment accepts (empty without a key)."""
@@ -52,6 +53,15 @@ class ModelServerTokens:
         return {} if token is None else {"Authorization": f"Bearer {token}"}
 
     def header_line(self, namespace: str, name: str) -> bytes:
-        """The same header as raw HTTP/1.1 bytes, for the router's hand-built request heads."""
-        token = self.token(namespace, name)
-        return b"" if token is None else b"authorization: Bearer " + token.encode() + b"\r\n"
+        """The same header as raw HTTP/1.1 bytes, for the router's hand-built request heads (every request)."""
+        return b"" if self.key is None else _header_line(self.key, namespace, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _derive(key: bytes, namespace: str, name: str) -> str:
+    return hmac.new(key, f"{namespace}/{name}".encode(), hashlib.sha256).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)  # the router's hot path: no HMAC per request
+def _header_line(key: bytes, namespace: str, name: str) -> bytes:
+    return b"authorization: Bearer " + _derive(key, namespace, name).encode() + b"\r\n"

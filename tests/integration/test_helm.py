@@ -100,5 +100,8 @@ def test_watch_namespaces_get_their_own_peering_objects(cluster: LocalCluster) -
     args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args
     assert "--namespace=team-b" in args
+    router = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ls-router")
+    router_args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {"--namespace=team-a", "--namespace=team-b"} <= set(router_args)  # serves what the operator manages
     everywhere = [d for d in yaml.safe_load_all(helm(cluster, "template", "ls", str(CHART), "-n", "sys")) if d]
     assert [d["kind"] for d in everywhere if "Peering" in d["kind"]] == ["ClusterKopfPeering"]

@@ -59,3 +59,37 @@ async def test_fetcher_refuses_requests_without_the_token(tmp_path: Path) -> Non
         assert (await client.delete("/adapters/a")).status == 401
         ok = await client.delete("/adapters/a", headers={"Authorization": "Bearer s3cret"})
         assert ok.status == 200
+
+
+def test_operator_refuses_to_start_with_a_bad_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraserve import operator_main
+    from loraserve.handlers.deployment import model_server_tokens
+
+    key = tmp_path / "key"
+    key.write_text("short")
+    monkeypatch.setenv("LORASERVE_MODEL_SERVER_KEY_FILE", str(key))
+    model_server_tokens.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="at least 16 bytes"):
+            operator_main.run()
+    finally:
+        model_server_tokens.cache_clear()
+
+
+def test_owned_secrets_are_written_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraserve import kube as kube_module
+
+    writes: list[str] = []
+    kube = kube_module.Kube(api=object())  # no API calls: the patch function is ours
+    secret = {"kind": "Secret", "metadata": {"name": "t", "namespace": "ns"}}
+    now = [1000.0]
+    monkeypatch.setattr(kube_module.time, "monotonic", lambda: now[0])
+
+    def patch(name: str, namespace: str, *_: object, **__: object) -> None:
+        writes.append(f"{namespace}/{name}")
+
+    assert kube._apply_once(secret, patch)
+    assert not kube._apply_once(secret, patch)  # never read back: written once per period
+    now[0] += kube_module.REAPPLY_SECONDS
+    assert kube._apply_once(secret, patch)  # deleted by hand meanwhile? it comes back
+    assert writes == ["ns/t", "ns/t"]
