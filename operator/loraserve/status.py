@@ -4,6 +4,7 @@ kstatus conditions (Ready / Reconciling / Stalled), so Flux and Argo CD see true
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,12 @@ def _condition(type_: str, status: bool, reason: str, message: str, generation: 
         "observedGeneration": generation,
         "lastTransitionTime": now,
     }
+
+
+def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """What to write: nothing when nothing changed, else the whole status, so that a stale `previous` (a timer
+    and an event handler racing) can never leave a mix of old and new fields (UPDATING beside Ready=True)."""
+    return dict(status) if any(previous.get(k) != v for k, v in status.items()) else {}
 
 
 def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

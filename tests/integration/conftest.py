@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e.harness import RUN_REGION, RUN_TOLERATION
 
 from loraserve.local.cluster import LocalCluster, free_port
 from tests.fixtures.wait import wait_for
 
-__all__ = ["wait_for"]
+__all__ = ["RUN_REGION", "RUN_TOLERATION", "wait_for"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,14 +91,8 @@ def operator(cluster: LocalCluster) -> Iterator[Operator]:
     op.kill()
 
 
-RUN_REGION = "local"
-# Deployments that should really run ask for the run pool's node: its region and a toleration of its taint.
-RUN_TOLERATION = {
-    "key": "serving.loraserve.dev/local-pool",
-    "operator": "Equal",
-    "value": "run",
-    "effect": "NoSchedule",
-}
+# Deployments that should really run ask for the run pool's node: its region and a toleration of its taint
+# (the same node shape as the e2e suite's).
 ROUTER_PORT = free_port()
 LOAD_PORT = free_port()
 

@@ -119,3 +119,11 @@ def test_store_keeps_replica_state_across_updates() -> None:
     store.replace({})
     assert store.get("default", "d") is None
     assert heard[-1] == ("default", "d")
+
+
+def test_the_deployment_of_an_addon() -> None:
+    from loraserve.api.naming import addon_deployment
+
+    assert addon_deployment({"spec": {"deployment": "d"}, "status": {"deployment": "d"}}) == "d"
+    assert addon_deployment({"spec": {}, "status": {"deployment": "pool"}}) == "pool"
+    assert addon_deployment({"spec": {"deployment": ""}}) is None

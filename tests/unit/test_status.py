@@ -93,3 +93,12 @@ def test_transition_time_kept_while_status_unchanged() -> None:
     first = compute_status(SPEC, 3, 1, Observed(child(1, 1, 1), []), {}, NOW)
     later = compute_status(SPEC, 3, 1, Observed(child(1, 1, 1), []), first, datetime(2026, 11, 25, tzinfo=UTC))
     assert later["conditions"] == first["conditions"]
+
+
+def test_status_is_written_whole_or_not_at_all() -> None:
+    from loraserve.status import status_patch
+
+    previous = {"state": "UPDATING", "readyReplicas": 0, "message": "0/1 replicas ready"}
+    assert status_patch(previous, dict(previous)) == {}
+    new = {"state": "READY", "readyReplicas": 1, "message": "0/1 replicas ready"}
+    assert status_patch(previous, new) == new  # unchanged keys too: a stale previous cannot leave a mix

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 LABEL_DEPLOYMENT = "serving.loraserve.dev/deployment"
@@ -13,6 +15,17 @@ MANAGED_BY = "loraserve"
 MODEL_SERVER_PORT = 8000
 MODEL_SERVER_PORT_NAME = "http"
 KEEP_ANNOTATION = "serving.loraserve.dev/keep"
+
+
+def addon_deployment(addon: Mapping[str, Any]) -> str | None:
+    """The Deployment serving a LoraAddon object: its spec.deployment, or for a serverless addon the pool the
+    operator seated it in (status.deployment); None while a serverless addon is not seated yet."""
+    for part in ("spec", "status"):
+        section = addon.get(part)
+        name = section.get("deployment") if isinstance(section, Mapping) else None
+        if isinstance(name, str) and name:
+            return name
+    return None
 
 
 def base_model_name(uri: str) -> str:

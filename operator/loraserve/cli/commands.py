@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from loraserve.api import AcceleratorType
+from loraserve.api.naming import addon_deployment
 from loraserve.cli import manifests as m
 from loraserve.cli import views
 from loraserve.cli.kubeclient import KubeClient, KubeError
@@ -640,8 +641,7 @@ def unload_lora(settings: Settings, name: str, deployment_id: str | None) -> int
         obj = kube.find(m.LORA_ADDON.plural, short) or kube.find(m.LORA_ADDON.plural, m.default_addon_name(short))
         if obj is None:
             raise CliError([f"no addon {short} in {kube.namespace}"], ExitCode.NOT_FOUND)
-        # A serverless addon is on the pool the operator seated it in (status.deployment).
-        on = (obj.get("spec") or {}).get("deployment") or (obj.get("status") or {}).get("deployment")
+        on = addon_deployment(obj)
         if deployment is not None and on != deployment:
             raise CliError(
                 [f"addon {obj['metadata']['name']} is on {on or 'the serverless pool'}, not {deployment}"],

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loraserve.api.naming import base_model_name
+from loraserve.api.naming import addon_deployment, base_model_name
 
 Obj = Mapping[str, Any]
 
@@ -134,7 +134,7 @@ def deployment_model(obj: Obj) -> str:
 def addon_model(obj: Obj) -> str | None:
     """`<addon>#<deployment>`; None while a serverless addon has no pool yet."""
     name = str((obj.get("metadata") or {}).get("name", ""))
-    deployment = _status(obj).get("deployment") or (obj.get("spec") or {}).get("deployment")
+    deployment = addon_deployment(obj)
     return f"{name}#{deployment}" if deployment else None
 
 
@@ -168,7 +168,7 @@ def addon_row(obj: Obj) -> list[str]:
     loaded = f"{status.get('loadedReplicas') or 0}/{status.get('totalReplicas') or 0}" if status else ""
     return [
         _name(obj),
-        _text(status.get("deployment") or (obj.get("spec") or {}).get("deployment") or "(serverless)"),
+        _text(addon_deployment(obj) or "(serverless)"),
         targets,
         _text(status.get("state")),
         loaded,

@@ -19,7 +19,7 @@ from loraserve.api.addon import LoraAddonSpec
 from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
-from loraserve.api.naming import MODEL_SERVER_PORT, selector_labels
+from loraserve.api.naming import MODEL_SERVER_PORT, addon_deployment, selector_labels
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube, model_server_tokens
 from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_addon_signals
@@ -190,7 +190,7 @@ def _serverless_pool(
 
 
 def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, Any], body: kopf.Body) -> None:
-    from loraserve.status import merge_conditions
+    from loraserve.status import merge_conditions, status_patch
 
     status["conditions"] = merge_conditions(previous.get("conditions") or [], status["conditions"])
     if previous.get("state") != status["state"] or previous.get("message") != status["message"]:
@@ -201,9 +201,8 @@ def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, A
         elif previous.get("state") != status["state"]:
             kopf.info(body, reason=status["reason"], message=status["message"])
     del status["reason"]
-    if any(previous.get(k) != v for k, v in status.items()):  # the whole status or nothing (see deployment.py)
-        for key, value in status.items():
-            patch.status[key] = value
+    for key, value in status_patch(previous, status).items():
+        patch.status[key] = value
 
 
 async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
@@ -360,8 +359,8 @@ async def loraaddon_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logg
 @kopf.on.delete(GROUP, VERSION, "loraaddons")
 async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
-    # A serverless addon is unloaded from the pool it was seated in (status.deployment).
-    deployment_name = dict(body.spec).get("deployment") or dict(body.status or {}).get("deployment")
+    # A serverless addon is unloaded from the pool it was seated in.
+    deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
     if not deployment_name:
         return
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))

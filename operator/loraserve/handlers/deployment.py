@@ -24,7 +24,7 @@ from loraserve.resources.model_server import (
     desired_replicas,
 )
 from loraserve.resources.settings import ManifestSettings
-from loraserve.status import Observed, compute_status
+from loraserve.status import Observed, compute_status, status_patch
 from loraserve.tokens import ModelServerTokens
 
 RESYNC_SECONDS = 2.0
@@ -102,11 +102,8 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
     status["selector"] = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
     status["endpoint"] = f"http://{child_name(name)}.{namespace}.svc:8000"
     _report_transition(body, previous, status)
-    # Nothing changed: no write. Anything changed: the whole status, so that a stale `previous` (a timer and
-    # an event handler racing) can never leave a mix of old and new fields (UPDATING beside Ready=True).
-    if any(previous.get(k) != v for k, v in status.items()):
-        for key, value in status.items():
-            patch.status[key] = value
+    for key, value in status_patch(previous, status).items():
+        patch.status[key] = value
 
 
 def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[str, Any]) -> None:

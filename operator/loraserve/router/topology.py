@@ -203,13 +203,9 @@ def build_deployments(
         spec = addon.get("spec")
         if not name or not isinstance(spec, Mapping):
             continue
-        target_deployment = spec.get("deployment")
-        if not isinstance(target_deployment, str) or not target_deployment:
-            # A serverless addon: the operator seats it in its base model's pool and says which in status.
-            status = addon.get("status")
-            target_deployment = status.get("deployment") if isinstance(status, Mapping) else None
-            if not isinstance(target_deployment, str) or not target_deployment:
-                continue  # not seated yet
+        target_deployment = naming.addon_deployment(addon)
+        if target_deployment is None:
+            continue  # a serverless addon the operator has not seated in its pool yet
         routable: list[AdapterVersion] = []
         for target in spec.get("targets") or []:
             if not isinstance(target, Mapping):
