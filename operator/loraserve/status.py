@@ -11,7 +11,8 @@ from typing import Any
 
 from loraserve.api.deployment import DeploymentSpec, DeploymentState
 
-GPU_WORDS = re.compile(r"nvidia\.com/gpu|amd\.com/gpu|accelerator|node\(s\) didn't match")
+GPU_SHORT = re.compile(r"Insufficient (nvidia\.com/gpu|amd\.com/gpu)")
+SELECTOR_MISMATCH = "didn't match Pod's node affinity/selector"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> li
     return out
 
 
-def gpu_stockout(pods: list[dict[str, Any]]) -> str | None:
-    """The scheduler's message for a pod Unschedulable for lack of GPUs (or of GPU nodes), if any."""
+def unschedulable(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, the scheduler's message) for a pod the scheduler cannot place, if any: GPUStockout when GPUs
+    (or GPU nodes) are what is missing, else Unschedulable (a taint, a selector, CPU or memory, a volume)."""
     for pod in pods:
         if pod.get("metadata", {}).get("deletionTimestamp"):
             continue
@@ -60,10 +62,27 @@ def gpu_stockout(pods: list[dict[str, Any]]) -> str | None:
             continue
         for cond in pod.get("status", {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                message = cond.get("message") or ""
-                if cond.get("reason") == "Unschedulable" and GPU_WORDS.search(message):
-                    return str(message)
+                if cond.get("reason") != "Unschedulable":
+                    continue  # e.g. SchedulingGated: waiting on purpose, not stuck
+                message = str(cond.get("message") or "no node fits the pod")
+                return ("GPUStockout" if _gpus_missing(message) else "Unschedulable"), message
     return None
+
+
+def _gpus_missing(message: str) -> bool:
+    """From the scheduler's "0/3 nodes are available: 1 Insufficient nvidia.com/gpu, 2 node(s) didn't match
+    Pod's node affinity/selector." : GPUs are what is missing when a node lacks free GPUs, or when no node of
+    the accelerator type (and region) exists at all; a taint, CPU, memory or a volume is another reason."""
+    if GPU_SHORT.search(message) or message.startswith("no nodes available"):
+        return True
+    per_node = message.split("preemption:")[0].partition(": ")[2].rstrip(". ").split(", ")
+    return bool(per_node) and all(SELECTOR_MISMATCH in part for part in per_node)
+
+
+def gpu_stockout(pods: list[dict[str, Any]]) -> str | None:
+    """The scheduler's message for a pod Unschedulable for lack of GPUs (or of GPU nodes), if any."""
+    found = unschedulable(pods)
+    return found[1] if found and found[0] == "GPUStockout" else None
 
 
 def crash_looping(pods: list[dict[str, Any]]) -> str | None:
@@ -99,13 +118,13 @@ def compute_status(
     updated = int(child_status.get("updatedReplicas") or 0)
     was_ready = previous.get("state") not in (None, DeploymentState.CREATING.value)
 
-    stockout = gpu_stockout(observed.pods)
+    stuck = unschedulable(observed.pods)
     crash = crash_looping(observed.pods)
     complete = rolled and ready >= desired and updated >= desired and replicas == desired
 
-    if stockout or crash:
-        reason = "GPUStockout" if stockout else "ModelServerFailing"
-        message = f"{reason}: {stockout or crash}"
+    if stuck or crash:
+        reason, detail = stuck if stuck else ("ModelServerFailing", crash or "")
+        message = f"{reason}: {detail}"
         state = DeploymentState.FAILED if ready == 0 else DeploymentState.UPDATING
         conditions = [
             _condition("Ready", ready >= desired and desired > 0, reason, message, generation, stamp),

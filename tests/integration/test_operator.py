@@ -249,3 +249,27 @@ def test_model_version_reports_ready(cluster: LocalCluster, operator: Operator, 
     )
     assert condition(status, "Ready")["status"] == "True"
     assert "s3://acme-adapters/support-bot/v2" in status["message"]
+
+
+def test_a_pod_that_cannot_tolerate_the_taint_is_stalled_with_the_schedulers_reason(
+    cluster: LocalCluster, operator: Operator, run_pool: str, namespace: str
+) -> None:
+    # A Deployment written without the run pool's toleration: its only matching node is tainted. The user
+    # sees why at once (Stalled, the scheduler's own words), not "0/1 replicas ready" for as long as one waits.
+    wait_for(
+        lambda: "cpu-run-0" in cluster.kubectl("get", "nodes", "-o", "name").stdout, timeout=60, message="run node"
+    )
+    doc = example(minReplicas=1)
+    doc["metadata"]["name"] = "untolerated"
+    doc["spec"]["region"] = run_pool
+    apply(cluster, namespace, doc)
+    status = wait_for(
+        lambda: condition(s := cr_status(cluster, namespace, "untolerated"), "Stalled").get("status") == "True" and s,
+        timeout=60,
+        message="Stalled",
+    )
+    stalled = condition(status, "Stalled")
+    assert stalled["reason"] == "Unschedulable", stalled["message"]  # not GPUStockout: GPUs are not what is missing
+    assert "untolerated taint" in stalled["message"]
+    assert status["message"].startswith("Unschedulable: ")
+    cluster.kubectl("delete", "lsd", "untolerated", "-n", namespace)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.status import Observed, compute_status
 from tests.kstatus import kstatus
@@ -70,16 +72,37 @@ def test_gpu_stockout_is_stalled_with_the_scheduler_message() -> None:
     assert kstatus(cr(status)) == "Failed"
 
 
-def test_unschedulable_for_other_reasons_is_not_a_stockout() -> None:
-    status = compute_status(
-        SPEC,
-        3,
-        1,
-        Observed(child(1, 0, 1), [unschedulable("0/2 nodes are available: 2 Insufficient memory.")]),
-        {},
-        NOW,
-    )
-    assert status["state"] == "CREATING"
+@pytest.mark.parametrize(
+    "message",
+    [
+        "0/2 nodes are available: 2 Insufficient memory.",
+        "0/1 nodes are available: 1 node(s) had untolerated taint {loraserve.dev/trial: }.",
+        "0/1 nodes are available: 1 pod has unbound immediate PersistentVolumeClaims.",
+    ],
+)
+def test_unschedulable_for_other_reasons_is_stalled_but_not_a_stockout(message: str) -> None:
+    status = compute_status(SPEC, 3, 1, Observed(child(1, 0, 1), [unschedulable(message)]), {}, NOW)
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "Unschedulable")
+    assert message in stalled["message"]
+    assert message in status["message"]
+    assert kstatus(cr(status)) == "Failed"
+
+
+def test_a_crash_looping_model_server_is_stalled() -> None:
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {"name": "vllm", "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}}}
+            ],
+        },
+    }
+    status = compute_status(SPEC, 3, 1, Observed(child(1, 0, 1), [pod]), {}, NOW)
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "ModelServerFailing")
+    assert "CrashLoopBackOff" in stalled["message"]
 
 
 def test_scaled_to_zero_is_healthy() -> None:
