@@ -127,3 +127,11 @@ def test_cross_field_rules_are_in_the_schema(repo_root: Path) -> None:
     assert "AMD_MI300X_192GB" in deployment
     assert "self == oldSelf" in rules("serving.loraserve.dev_modelversions.yaml")
     assert "sum() == 100" in rules("serving.loraserve.dev_loraaddons.yaml")
+
+
+def test_readme_field_tables_are_the_models() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "<!-- fields: Deployment -->" in readme
+    assert crdgen.render_readme(readme) == readme, "run: python -m loraserve.crdgen"
+    # A description written in the model is what the README shows.
+    assert '| `scaleToZeroWindow` | `"1h"` | Go duration, at least 5m.' in readme

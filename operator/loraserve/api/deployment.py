@@ -129,7 +129,12 @@ class DeploymentSpec(ApiModel):
         }
     )
 
-    base_model: str | None = Field(None, description=MODEL_URI_DESCRIPTION, pattern=MODEL_URI_PATTERN, max_length=512)
+    base_model: str | None = Field(
+        None,
+        description=MODEL_URI_DESCRIPTION + " Exactly one of baseModel and modelVersion.",
+        pattern=MODEL_URI_PATTERN,
+        max_length=512,
+    )
     model_version: str | None = Field(
         None,
         description="Live merge: the name of a ModelVersion (same namespace) whose adapter is merged into its "
@@ -143,7 +148,10 @@ class DeploymentSpec(ApiModel):
         False, description="Multi-LoRA: start vLLM with --enable-lora so LoraAddons load at run time."
     )
     max_loras: int | None = Field(
-        None, description="Adapters held in GPU memory at once (vLLM --max-loras; default 4).", ge=1, le=256
+        None,
+        description="Adapters held in GPU memory at once (vLLM --max-loras; default 4). Only with enableAddons.",
+        ge=1,
+        le=256,
     )
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(
         16, description="Largest adapter rank accepted (vLLM --max-lora-rank)."
@@ -156,7 +164,10 @@ class DeploymentSpec(ApiModel):
     )
     min_replicas: int = Field(0, description="Replicas kept however idle. 0 allows scale to zero.", ge=0, le=1000)
     max_replicas: int | None = Field(
-        None, description="Upper bound for the autoscaler. Default: 1 when minReplicas is 0, else minReplicas.", ge=1
+        None,
+        description="Upper bound for the autoscaler, at least minReplicas. "
+        "Default: 1 when minReplicas is 0, else minReplicas.",
+        ge=1,
     )
     scale_up_window: str = duration_field(
         "30s", "Go duration. Scale up only to a level the load asked for through this whole window."
@@ -214,7 +225,9 @@ class DeploymentSpec(ApiModel):
         max_length=32,
     )
     env: list[EnvVar] = Field(
-        default_factory=list, description="Extra environment for the model server.", max_length=64
+        default_factory=list,
+        description="Extra environment for the model server (value, or valueFrom.secretKeyRef).",
+        max_length=64,
     )
     credentials_secret: str | None = Field(
         None,
