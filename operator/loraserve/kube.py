@@ -109,6 +109,12 @@ class Kube:
             raise
         return obj
 
+    def patch_custom(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+
+    def patch_custom_status(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, body)
+
 
 def _same_ports(live: dict[str, Any], manifest: dict[str, Any]) -> bool:
     def key(svc: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import kubernetes
 from pydantic import ValidationError
 
 from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
-from loraserve.api.naming import child_name, selector_labels
+from loraserve.api.naming import LABEL_DEPLOYMENT, LABEL_NAME, child_name, selector_labels
 from loraserve.handlers.metrics import record_replicas
 from loraserve.kube import Kube
 from loraserve.resources.model_server import (
@@ -27,7 +29,12 @@ from loraserve.resources.settings import ManifestSettings
 from loraserve.status import Observed, compute_status, status_patch
 from loraserve.tokens import ModelServerTokens
 
-RESYNC_SECONDS = 2.0
+# A Deployment is reconciled when it, its child apps/v1 Deployment, its pods or its ModelVersion change; this
+# slow resync only heals what a lost watch event would leave behind.
+RESYNC_SECONDS = 120.0
+# Child events come in bursts (a pod: scheduled, started, ready): one reconcile serves the whole burst.
+COALESCE_SECONDS = 0.2
+MODEL_SERVER = {LABEL_NAME: "loraserve-model-server"}
 _kube: Kube | None = None
 
 
@@ -129,7 +136,75 @@ def deployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, 
     reconcile(body, patch, logger)
 
 
-@kopf.timer(GROUP, VERSION, "deployments", interval=RESYNC_SECONDS, sharp=True)
-def deployment_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    # Status follows the child (pods becoming ready, stockouts clearing); applying is a no-op when nothing changed.
+class Watched:
+    """A Deployment CR the operator follows: its live body and what wakes its reconcile loop."""
+
+    def __init__(self, body: kopf.Body) -> None:
+        self.body = body
+        self.wake = asyncio.Event()
+
+
+# (namespace, name) -> the CR's loop, registered by its daemon and removed when the daemon ends (the object is
+# deleted, or this operator pauses for a peer), so nothing outlives the object.
+_watched: dict[tuple[str, str], Watched] = {}
+
+
+@kopf.daemon(GROUP, VERSION, "deployments", cancellation_timeout=10)  # type: ignore[arg-type]
+async def deployment_follow(
+    body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
+) -> None:
+    """Status follows the children (pods becoming ready or unschedulable, stockouts clearing) as they change,
+    instead of polling every object on a short timer."""
+    watched = _watched[(namespace, name)] = Watched(body)
+    watched.wake.set()  # child events may have come before this loop was registered
+    try:
+        while not stopped:
+            woken = asyncio.ensure_future(watched.wake.wait())
+            stopping = asyncio.ensure_future(stopped.wait())
+            await asyncio.wait((woken, stopping), timeout=RESYNC_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            stopping.cancel()
+            if stopped or body.metadata.get("deletionTimestamp"):
+                break
+            await stopped.wait(COALESCE_SECONDS)
+            watched.wake.clear()
+            try:
+                await asyncio.to_thread(_reconcile_and_write, body, name, namespace, logger)
+            except kubernetes.client.ApiException as exc:
+                if exc.status == 404:
+                    break  # deleted meanwhile
+                logger.warning(f"reconcile of {name} failed ({exc.status} {exc.reason}); retrying")
+                watched.wake.set()
+                await stopped.wait(5.0)
+    finally:
+        if _watched.get((namespace, name)) is watched:
+            del _watched[(namespace, name)]
+
+
+def _reconcile_and_write(body: kopf.Body, name: str, namespace: str, logger: kopf.Logger) -> None:
+    patch = kopf.Patch()
     reconcile(body, patch, logger)
+    if patch.spec:
+        kube().patch_custom("deployments", name, namespace, {"spec": dict(patch.spec)})
+    if patch.status:
+        kube().patch_custom_status("deployments", name, namespace, {"status": dict(patch.status)})
+
+
+def wake(namespace: str | None, name: str | None) -> None:
+    watched = _watched.get((namespace or "", name or ""))
+    if watched is not None:
+        watched.wake.set()
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MODEL_SERVER)
+@kopf.on.event("", "v1", "pods", labels=MODEL_SERVER)
+async def child_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    wake(namespace, meta.get("labels", {}).get(LABEL_DEPLOYMENT))
+
+
+@kopf.on.event(GROUP, VERSION, "modelversions")
+async def model_version_changed(name: str | None, namespace: str | None, **_: Any) -> None:
+    """A live-merge Deployment waiting for its ModelVersion goes on as soon as the version appears."""
+    for (ns, _dep), watched in list(_watched.items()):
+        if ns == namespace and watched.body.spec.get("modelVersion") == name:
+            watched.wake.set()
