@@ -12,7 +12,7 @@ command -v ip >/dev/null || { apt-get update -qq && apt-get install -y -qq iprou
 vllm_out=$(mktemp)
 bash hack/install-vllm.sh >"$vllm_out" &
 vllm_pid=$!
-trap 'kill "$vllm_pid" 2>/dev/null; rm -f "$vllm_out"' EXIT   # a failed Go build stops the other build too
+trap 'kill "$vllm_pid" 2>/dev/null || true; rm -f "$vllm_out"' EXIT   # a failed Go build stops the other build too
 bin_dir=$(bash hack/build-cluster-bins.sh)
 wait "$vllm_pid"
 echo "export LORASERVE_BIN_DIR=$bin_dir"
