@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from e2e.harness import RUN_TOLERATION
 
 from loraserve.cli.commands import ExitCode
 from loraserve.digest import directory_digest
@@ -140,17 +141,20 @@ def test_deployment_lifecycle(cluster: LocalCluster, operator: Operator, namespa
 
 
 def test_wait_ends_with_the_stalled_reason(cluster: LocalCluster, operator: Operator, namespace: str) -> None:
-    # No node is in region `nowhere`: the pod stays Pending, Unschedulable; the operator says GPUStockout.
+    # No node is in region `nowhere`: the pod stays Pending, Unschedulable; the operator says GPUStockout. (The
+    # local run pool's taint is tolerated, else a tainted node in the scheduler's message makes it ambiguous.)
+    toleration = "{key}={value}:{effect}".format(**RUN_TOLERATION)
     result = loraserve(
         cluster,
-        f"create deployment {BASE} --id stuck --min-replica-count 1 --region nowhere --wait --timeout 2m",
+        f"create deployment {BASE} --id stuck --min-replica-count 1 --region nowhere --toleration {toleration} "
+        "--wait --timeout 2m",
         "-n",
         namespace,
     )
     assert result.returncode == ExitCode.FAILED, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("✗ stuck: FAILED · 0/1 ready · GPUStockout: 0/"), result.stderr
-    assert "node(s) didn't match Pod's node affinity/selector" in last
+    assert "node(s) didn't match Pod's node affinity/selector" in last, result.stderr
     # The timeout path, on the same object: a new generation that cannot become ready in 1s.
     result = loraserve(cluster, "update deployment stuck --max-replica-count 2 --wait --timeout 1s", "-n", namespace)
     assert result.returncode in (ExitCode.FAILED, ExitCode.TIMEOUT), result.stderr

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from e2e.harness import RUN_TOLERATION
 
 from loraserve.local.cluster import LocalCluster
 from tests.integration.conftest import Operator, wait_for
@@ -167,6 +168,9 @@ def test_delete_removes_everything(cluster: LocalCluster, operator: Operator, na
 def test_gpu_stockout_then_recovery(cluster: LocalCluster, operator: Operator, namespace: str) -> None:
     doc = example(minReplicas=1, acceleratorType="AMD_MI300X_192GB")
     doc["metadata"]["name"] = "mi300"
+    # Tolerating the local run pool's taint, every node refuses it for its labels alone (no MI300X anywhere), as
+    # the scheduler says: "didn't match Pod's node affinity/selector". A taint in the mix would make it ambiguous.
+    doc["spec"]["tolerations"] = [RUN_TOLERATION]
     apply(cluster, namespace, doc)
     status = wait_for(
         lambda: (
