@@ -26,13 +26,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraserve.merge.errors import MergeRefused
 from loraserve.merge.tensors import FLOAT_DTYPES, TensorInfo
 
+__all__ = ["MergeRefused", "Plan", "TensorPlan", "make_plan"]
+
 PREFIX = "base_model.model."
-
-
-class MergeRefused(ValueError):
-    """The adapter cannot be merged exactly; the message names what (a config field or a tensor)."""
 
 
 # --- config fields ----------------------------------------------------------------------------------------
