@@ -133,7 +133,8 @@ def _write_tensor(inputs: _Inputs, t: TensorPlan, f: Any) -> None:
     magnitude = adapter.full(adapter.tensors[t.dora]) if t.dora else None
     rows = adapter.full(adapter.tensors[t.rows]) if t.rows else None
     bias = adapter.full(adapter.tensors[t.bias_delta[0]]) if t.bias_delta else None
-    for start, stop in row_chunks(TensorInfo(t.name, t.dtype, t.shape, 0, 0)):
+
+    def block_of(start: int, stop: int) -> Any:
         block = source_file.full(source) if not t.shape else source_file.rows(source, start, stop)
         if rows is not None:
             for i, index in enumerate(t.rows_at):
@@ -143,9 +144,23 @@ def _write_tensor(inputs: _Inputs, t: TensorPlan, f: Any) -> None:
             # rows [start, stop) of s*B@A (out x in), or of its transpose s*(A^T @ B^T) for embeddings / Conv1D
             update = a[:, start:stop].T @ b.T if transposed else b[start:stop] @ a
             block = block + np.asarray(scale, dtype=block.dtype) * update.astype(block.dtype)
-            if magnitude is not None:
-                norm = np.linalg.norm(block, axis=1)
-                block = block * (magnitude[start:stop] / norm)[:, None].astype(block.dtype)
         if bias is not None and t.bias_delta is not None:
             block = block + np.asarray(t.bias_delta[1], dtype=block.dtype) * bias[start:stop].astype(block.dtype)
+        return block
+
+    chunks = list(row_chunks(TensorInfo(t.name, t.dtype, t.shape, 0, 0)))
+    column_scale = None
+    if magnitude is not None and t.dora_columns:
+        # DoRA on a stored-transposed weight normalises columns: one pass for the norms, one to write
+        squares = np.zeros(t.shape[1], dtype=np.float64)
+        for start, stop in chunks:
+            squares += np.square(block_of(start, stop), dtype=np.float64).sum(axis=0)
+        column_scale = (magnitude / np.sqrt(squares)).astype(np.float32)
+    for start, stop in chunks:
+        block = block_of(start, stop)
+        if column_scale is not None:
+            block = block * column_scale.astype(block.dtype)[None, :]
+        elif magnitude is not None:
+            norm = np.linalg.norm(block, axis=1)
+            block = block * (magnitude[start:stop] / norm)[:, None].astype(block.dtype)
         f.write(from_float(block, t.dtype))

@@ -8,7 +8,8 @@ For a base weight W (out x in), an adapter changes the model that peft runs (bas
                module from `rank_pattern` / `alpha_pattern` (peft's own matching); transposed for
                `fan_in_fan_out` (Conv1D weights stored in x out);
   - embedding: W' = W + s * (B @ A)^T (lora_embedding_A is r x vocab, lora_embedding_B is hidden x r);
-  - DoRA:      W' = m / ||W + s*B@A||_row * (W + s*B@A), the norm per output row (the bias is not scaled);
+  - DoRA:      W' = m / ||W + s*B@A||_row * (W + s*B@A), the norm per output feature (rows; columns for an
+               embedding or a Conv1D, whose weights are stored transposed); the bias is not scaled;
   - lora_bias: b' = b + s * lora_B.bias;
   - bias="all"/"lora_only", modules_to_save, a saved `base_layer` weight: the tensor is replaced;
   - trainable_token_indices: those rows of the embedding are replaced.
@@ -167,6 +168,7 @@ class TensorPlan:
     delta: tuple[str, str, float, bool] | None = None  # (A, B, s, transposed): + s*B@A, or its transpose
     bias_delta: tuple[str, float] | None = None  # (lora_B.bias, s)
     dora: str | None = None  # magnitude vector
+    dora_columns: bool = False  # the weight is stored transposed: DoRA's norms are per column
 
     @property
     def changed(self) -> bool:
@@ -240,7 +242,10 @@ def make_plan(
     for name, info in base.items():
         plan.tensors[name] = TensorPlan(name, info.dtype, info.shape, ("base", name))
     # With tied embeddings peft's lm_head is the embedding's parameter; these are its changes, kept apart.
-    head = TensorPlan(lm_head, "", (), ("base", embedding or "")) if tied and lm_head not in base else None
+    head = None
+    if tied and lm_head not in base:
+        emb = base.get(embedding or "")
+        head = TensorPlan(lm_head, emb.dtype if emb else "", emb.shape if emb else (), ("base", embedding or ""))
     touched_tied: list[str] = []
 
     def target(module_key: str, what: str, unties: bool = True) -> TensorPlan:
@@ -291,8 +296,6 @@ def make_plan(
                 "adapter_config.json: ensure_weight_tying=True on a base with tied embeddings, with the adapter "
                 f"changing them ({touched_tied[0]}): not merged"
             )
-        emb = plan.tensors[embedding]
-        head.dtype, head.shape = emb.dtype, emb.shape
         plan.tensors[lm_head] = head
         plan.shard_of[lm_head] = base_shard[embedding]
         plan.untie = True
@@ -363,12 +366,10 @@ def _plan_module(
     into.delta = (a_key, b_key, s, transposed)
     magnitude = parts.get(".lora_magnitude_vector") or parts.get(".lora_magnitude_vector.weight")
     if magnitude is not None:
-        if transposed:
-            what = "an embedding" if embed else "fan_in_fan_out weights"
-            raise MergeRefused(f"adapter_config.json: use_dora on {what} ({PREFIX}{module}) is not merged")
-        if adapter[magnitude].shape != (update[0],):
-            raise MergeRefused(f"adapter tensor {magnitude} is {list(adapter[magnitude].shape)}, not one per row")
-        into.dora = magnitude
+        # one magnitude per output feature: rows of W, or columns when W is stored transposed
+        if adapter[magnitude].shape != (into.shape[1] if transposed else into.shape[0],):
+            raise MergeRefused(f"adapter tensor {magnitude} is {list(adapter[magnitude].shape)}, not one per output")
+        into.dora, into.dora_columns = magnitude, transposed
     elif config.get("use_dora"):
         raise MergeRefused(f"adapter_config.json: use_dora=True but {PREFIX}{module} has no lora_magnitude_vector")
     bias_key = parts.get(".lora_B.bias")
