@@ -123,7 +123,7 @@ def _write_tensor(inputs: _Inputs, t: TensorPlan, f: Any) -> None:
     origin, source_name = t.source
     source_file = inputs.adapter if origin == "adapter" else inputs.shards[inputs.shard_of[source_name]]
     source = source_file.tensors[source_name]
-    if not t.changed and source.dtype == t.dtype:
+    if not t.computed and source.dtype == t.dtype:  # unchanged, or replaced as it is: bytes copied
         source_file.copy_raw(source, f)
         return
     adapter = inputs.adapter

@@ -14,7 +14,7 @@ For a base weight W (out x in), an adapter changes the model that peft runs (bas
   - bias="all"/"lora_only", modules_to_save, a saved `base_layer` weight: the tensor is replaced;
   - trainable_token_indices: those rows of the embedding are replaced.
 
-Tied embeddings (`tie_word_embeddings`, no lm_head in the checkpoint): peft changes the input embedding and the
+Tied embeddings (`tie_word_embeddings`, or no lm_head in the checkpoint): peft changes the input embedding and the
 output projection apart (a LoRA or a modules_to_save copy on one is not seen by the other), so when an adapter
 changes either one the merged model is written untied: an explicit lm_head and `tie_word_embeddings: false`.
 Trainable tokens are the exception: peft ties them to the output projection too, so the weight stays tied.
@@ -172,7 +172,11 @@ class TensorPlan:
 
     @property
     def changed(self) -> bool:
-        return self.source[0] == "adapter" or any((self.rows, self.delta, self.bias_delta, self.dora))
+        return self.source != ("base", self.name) or self.computed
+
+    @property
+    def computed(self) -> bool:
+        return any((self.rows, self.delta, self.bias_delta, self.dora))
 
 
 @dataclass
@@ -243,7 +247,7 @@ def make_plan(
         plan.tensors[name] = TensorPlan(name, info.dtype, info.shape, ("base", name))
     # With tied embeddings peft's lm_head is the embedding's parameter; these are its changes, kept apart.
     head = None
-    if tied and lm_head not in base:
+    if tied:  # loaders tie even when the checkpoint also holds an lm_head: the embedding is what they use
         emb = base.get(embedding or "")
         head = TensorPlan(lm_head, emb.dtype if emb else "", emb.shape if emb else (), ("base", embedding or ""))
     touched_tied: list[str] = []
@@ -297,7 +301,7 @@ def make_plan(
                 f"changing them ({touched_tied[0]}): not merged"
             )
         plan.tensors[lm_head] = head
-        plan.shard_of[lm_head] = base_shard[embedding]
+        plan.shard_of[lm_head] = base_shard.get(lm_head, base_shard[embedding])
         plan.untie = True
     return plan
 
