@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     merge_cmd.add_argument("--base", required=True, type=Path)
     merge_cmd.add_argument("--adapter-uri", required=True)
     merge_cmd.add_argument("--digest")
+    merge_cmd.add_argument("--base-digest", help="the base's pinned sha256 digest (ModelVersion baseModel.revision)")
     merge_cmd.add_argument("--out", required=True, type=Path)
     serve = sub.add_parser("serve", help="run the sidecar")
     serve.add_argument("--dir", required=True, type=Path)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 adapter = fetch(args.adapter_uri, Path(scratch) / "adapter", args.digest)
-                merged = merge(args.base, adapter, args.out)
+                merged = merge(args.base, adapter, args.out, base_digest=args.base_digest)
             except (FetchError, ValueError) as exc:
                 print(f"MergeFailed: {exc}", file=sys.stderr)
                 return 1

@@ -87,7 +87,9 @@ def gpu_stockout(pods: list[dict[str, Any]]) -> str | None:
 
 def crash_looping(pods: list[dict[str, Any]]) -> str | None:
     for pod in pods:
-        for cs in pod.get("status", {}).get("containerStatuses") or []:
+        status = pod.get("status", {})
+        # init steps first: a failed base fetch or merge (MergeFailed: ...) keeps vLLM from ever starting
+        for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in (
                 "CrashLoopBackOff",
@@ -95,7 +97,9 @@ def crash_looping(pods: list[dict[str, Any]]) -> str | None:
                 "ErrImagePull",
                 "CreateContainerConfigError",
             ):
-                return f"container {cs.get('name')}: {waiting.get('reason')}: {waiting.get('message', '')}".strip()
+                last = ((cs.get("lastState") or {}).get("terminated") or {}).get("message") or ""
+                detail = f"{waiting.get('message', '')} {last.strip()}".strip()
+                return f"container {cs.get('name')}: {waiting.get('reason')}: {detail}".strip()
     return None
 
 

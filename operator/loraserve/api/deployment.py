@@ -138,8 +138,8 @@ class DeploymentSpec(ApiModel):
     model_version: str | None = Field(
         None,
         description="Live merge: the name of a ModelVersion (same namespace) whose adapter is merged into its "
-        "base model's weights when a replica starts. The replica then serves one fine-tune with no adapter "
-        "overhead.",
+        "pinned base model's weights when a replica starts (exactly, or refused with the reason). The replica "
+        "then serves one fine-tune with no adapter overhead.",
         pattern=DNS1123_PATTERN,
         max_length=253,
     )

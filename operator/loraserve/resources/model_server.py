@@ -24,6 +24,7 @@ from loraserve.api.naming import (
     child_name,
     selector_labels,
 )
+from loraserve.merge.pin import pinned_base
 from loraserve.resources.settings import ManifestSettings
 from loraserve.tokens import TOKEN_KEY, token_secret_name
 
@@ -161,6 +162,10 @@ def build_pod_template(
     base_uri = spec.base_model if merge_source is None else merge_source.base_model.name
     if base_uri is None:
         raise ValueError("a live-merge deployment needs its ModelVersion")
+    base_digest: str | None = None
+    if merge_source is not None:  # the merge starts from the exact base the ModelVersion pins
+        pinned = pinned_base(base_uri, merge_source.base_model.revision)
+        base_uri, base_digest = pinned.uri, pinned.digest
     if _is_on_node(base_uri):
         model_dir = _local_path(base_uri)
     elif base_uri.startswith("pvc://"):
@@ -168,7 +173,7 @@ def build_pod_template(
         volumes[0] = {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         model_dir = f"{MODELS_DIR}/{sub_path}".rstrip("/")
     else:
-        init.append(_fetch_container("fetch-base-model", base_uri, BASE_DIR, spec, settings))
+        init.append(_fetch_container("fetch-base-model", base_uri, BASE_DIR, spec, settings, base_digest))
         model_dir = BASE_DIR
     if merge_source is not None:
         if base_uri.startswith("pvc://"):
@@ -182,7 +187,10 @@ def build_pod_template(
             f"--adapter-uri={merge_source.adapter.uri}",
             f"--out={merged_dir}",
             *([f"--digest={merge_source.adapter.digest}"] if merge_source.adapter.digest else []),
+            *([f"--base-digest={base_digest}"] if base_digest else []),
         ]
+        # the merge's refusal ("MergeFailed: ...", its last log line) becomes the container's termination message
+        merge["terminationMessagePolicy"] = "FallbackToLogsOnError"
         if base_uri.startswith("pvc://"):
             merge["volumeMounts"].append({"name": "merged", "mountPath": merged_dir})
         init.append(merge)
