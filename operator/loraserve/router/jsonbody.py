@@ -40,6 +40,8 @@ def _float(text: str) -> float:
 
 def depth_exceeds(value: Any, limit: int) -> bool:
     """Whether `value` nests dicts/lists more than `limit` deep (iterative: no recursion to exhaust)."""
+    if not isinstance(value, dict | list):
+        return limit < 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, level = stack.pop()
