@@ -8,7 +8,7 @@ Two generators:
   names, junk request heads, and slow and half-closed clients.
 
 The router and the backend run on an event loop in a background thread; the tests talk to them over real
-sockets. Examples per test: `LORASERVE_FUZZ_EXAMPLES` (default 60, a couple of minutes for the file); the
+sockets. Examples per test: `LORASERVE_FUZZ_EXAMPLES` (default 100, about a minute for the file); the
 counts are printed at the end (`pytest -s`) and written as JSON to `LORASERVE_FUZZ_REPORT` when it is set.
 """
 
@@ -38,7 +38,7 @@ from loraserve.router.httpserver import BodyBudget, Limits
 from tests.router.fakes import FakeBackend
 from tests.router.harness import NS, Harness, addon, deployment, model_version, start_router
 
-EXAMPLES = int(os.environ.get("LORASERVE_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("LORASERVE_FUZZ_EXAMPLES", "100"))
 KEY = "sk-fuzz"
 MAX_BODY = 256 * 1024
 FUZZ = settings(
