@@ -387,3 +387,23 @@ async def test_metrics_on_a_port_of_their_own(backend: FakeBackend) -> None:
         openai_error(answer)
     finally:
         await app.stop()
+
+
+# -- shutdown
+
+
+async def test_held_requests_are_refused_cleanly_at_shutdown() -> None:
+    store = TopologyStore()
+    gateway = Gateway(store, NullWaker())
+    app = RouterApp(gateway=gateway)
+    port = await app.start()
+    h = Harness(store, gateway, app.server, port)  # type: ignore[arg-type]
+    h.set([deployment("z", annotations={SCALE_FROM_ZERO_TIMEOUT_ANNOTATION: "1h"})])
+    body = json.dumps({"model": "tiny-llama#z", "prompt": "x"}).encode()
+    clients = [asyncio.create_task(exchange(port, request(body))) for _ in range(4)]
+    await wait_until(lambda: gateway.holds.count() == 4)
+    await app.stop(grace=0.2)
+    for status, headers, answer in await asyncio.gather(*clients):
+        assert status == 503
+        assert headers["retry-after"] == "1"
+        assert openai_error(answer)["code"] == "router_restarting"

@@ -96,7 +96,9 @@ class RouterApp:
 
     async def stop(self, grace: float = 0.0) -> None:
         if self.server is not None:
-            await self.server.close(grace)
+            # Held requests (deployments at zero) wait out the grace like the rest; then they are answered
+            # 503 + Retry-After, never dropped unanswered.
+            await self.server.close(grace, on_grace_end=self.gateway.holds.fail_all)
         if self.metrics_server is not None:
             await self.metrics_server.close()
         for part in (self.keys_file, self.source, self.poller):

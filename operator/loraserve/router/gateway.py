@@ -48,7 +48,7 @@ from loraserve.router.errors import (
     unauthorized,
     unavailable,
 )
-from loraserve.router.hold import DeploymentGone, HoldQueue, Waker
+from loraserve.router.hold import DeploymentGone, HoldQueue, RouterStopping, Waker
 from loraserve.router.httpserver import Connection, Request, encode_headers
 from loraserve.router.jsonbody import DEFAULT_MAX_DEPTH, parse_json
 from loraserve.router.metrics import RouterMetrics, Series
@@ -486,6 +486,12 @@ class Gateway:
                 f"deployment {state.namespace}/{state.name} has no ready replica{what} after waiting "
                 f"{timeout:g}s (scale from zero); retry later",
                 code="scale_from_zero_timeout",
+            ) from None
+        except RouterStopping:
+            raise unavailable(
+                "The router is restarting; retry (the request was not sent to any replica)",
+                code="router_restarting",
+                retry_after=1,
             ) from None
         except DeploymentGone:
             raise not_found(

@@ -521,8 +521,9 @@ class Server:
                 if conn.phase != _BUSY and conn.deadline and conn.deadline <= now:
                     conn.expire(now)
 
-    async def close(self, grace: float = 0.0) -> None:
-        """Stop accepting; let requests in progress finish for up to `grace` seconds; then close."""
+    async def close(self, grace: float = 0.0, on_grace_end: Callable[[], object] | None = None) -> None:
+        """Stop accepting; let requests in progress finish for up to `grace` seconds; then `on_grace_end()`
+        (the gateway refuses what it still holds) and a second for those answers to go out; then close."""
         if self._server is None:
             return
         self._server.close()
@@ -530,6 +531,11 @@ class Server:
             if not any(conn.busy for conn in self.connections):
                 break
             await asyncio.sleep(0.05)
+        if on_grace_end is not None and on_grace_end():
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                if not any(conn.busy and not conn.responded for conn in self.connections):
+                    break
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
