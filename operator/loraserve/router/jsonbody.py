@@ -38,6 +38,10 @@ def _float(text: str) -> float:
     return value
 
 
+# One decoder, built once: `json.loads` with hooks would build a new one (and its C scanner) per call.
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_float)
+
+
 def depth_exceeds(value: Any, limit: int) -> bool:
     """Whether `value` nests dicts/lists more than `limit` deep (iterative: no recursion to exhaust)."""
     if not isinstance(value, dict | list):
@@ -61,7 +65,8 @@ def too_deep(limit: int) -> RouterError:
 def parse_json(raw: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """The body as a Python value, or a 400 RouterError saying what is wrong with it."""
     try:
-        value = json.loads(raw, parse_constant=_constant, parse_float=_float)
+        # As json.loads does for bytes: UTF-8/16/32 by the first bytes, lone surrogates kept (re-escaped later).
+        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except _NonStandard as exc:
         raise bad_request(
             f"The JSON body contains {exc.token!r}, which is not a standard JSON number.", code="invalid_json_number"
