@@ -407,3 +407,39 @@ async def test_held_requests_are_refused_cleanly_at_shutdown() -> None:
         assert status == 503
         assert headers["retry-after"] == "1"
         assert openai_error(answer)["code"] == "router_restarting"
+
+
+async def test_pooled_connection_the_replica_dropped_is_retried_fresh() -> None:
+    """A keep-alive connection the replica closes as the next request arrives (its idle timer fired): that
+    request received nothing, so it goes again on a new connection, even with a single replica."""
+    answer = json.dumps({"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}).encode()
+    served = 0
+
+    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        for n in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            if n == 1:  # the second request on a connection: dropped unanswered
+                writer.transport.abort()
+                return
+            served += 1
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                % (len(answer), answer)
+            )
+            await writer.drain()
+
+    server = await asyncio.start_server(replica, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    h = await router_for([url])
+    try:
+        for _ in range(3):
+            status, _, body = await exchange(h.port, request(json.dumps({"model": MODEL, "prompt": "x"}).encode()))
+            assert status == 200
+            assert json.loads(body)["choices"][0]["text"] == "ok"
+        assert served == 3
+    finally:
+        await h.close()
+        server.close()
