@@ -99,7 +99,7 @@ def live() -> Iterator[Live]:
         harness = await start_router(
             keys=[{"name": "fuzz", "key": KEY}, {"name": "narrow", "key": "sk-narrow", "namespaces": ["other"]}],
             config=RouterConfig(max_body_bytes=MAX_BODY, max_json_depth=64),
-            limits=Limits(max_body=MAX_BODY, max_target=2048, max_header_bytes=8192, header_timeout=1.0),
+            limits=Limits(max_body=MAX_BODY, max_target=2048, max_header_bytes=8192, header_timeout=5.0),
             budget=BodyBudget(64 * MAX_BODY),
         )
         harness.set(
