@@ -14,8 +14,10 @@ completion answered with a fixed 4-event SSE stream), then measures the same loa
     `--production-stack-src`, since its PyPI name now belongs to the Rust router).
 Latency: one connection, `--requests` sequential requests (after a warm-up), p50 / p99 of the full response
 (through `data: [DONE]`). Throughput: `--concurrency` keep-alive connections for `--seconds`, completed
-responses per second. Rounds alternate between targets and the median round counts, because the machine
-is shared. All traffic stays on 127.0.0.1 and every loop is bounded in count and time.
+responses per second. Long streams: 256-token SSE chat streams (one event per token, each its own write,
+as a generating server sends them), on one connection and on `--concurrency`, streamed tokens per second.
+Rounds alternate between targets and the median round counts, because the machine is shared. All traffic
+stays on 127.0.0.1 and every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -77,6 +79,27 @@ def _json_response(payload: Any, status: str = "200 OK") -> bytes:
 
 
 STREAM_RESPONSE = _sse()
+LONG_TOKENS = 256  # a long answer: one SSE event per token, each its own chunk and its own write
+
+
+def _long_events() -> list[bytes]:
+    out = [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"]
+    for i in range(LONG_TOKENS):
+        delta = {"role": "assistant", "content": "tok"} if i == 0 else {"content": " tok"}
+        chunk = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": BASE,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+        event = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        out.append(b"%x\r\n%b\r\n" % (len(event), event))
+    out.append(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    return out
+
+
+LONG_EVENTS = _long_events()
 MODELS_RESPONSE = _json_response(
     {"object": "list", "data": [{"id": BASE, "object": "model", "root": BASE, "parent": None, "owned_by": "vllm"}]}
 )
@@ -91,6 +114,7 @@ def serve_backend(port: int) -> None:
         def __init__(self) -> None:
             self.parser = httptools.HttpRequestParser(self)
             self.url = b""
+            self.long = False
             self.transport: asyncio.Transport | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,10 +130,17 @@ def serve_backend(port: int) -> None:
         def on_url(self, url: bytes) -> None:
             self.url += url
 
+        def on_body(self, body: bytes) -> None:
+            if b'"max_tokens":%d' % LONG_TOKENS in body:
+                self.long = True
+
         def on_message_complete(self) -> None:
             path, self.url = self.url.split(b"?")[0], b""
             assert self.transport is not None
-            if path.endswith(b"/completions"):
+            if self.long:
+                self.long = False
+                asyncio.get_running_loop().create_task(self.stream(self.transport))
+            elif path.endswith(b"/completions"):
                 self.transport.write(STREAM_RESPONSE)
             elif path == b"/v1/models":
                 self.transport.write(MODELS_RESPONSE)
@@ -119,6 +150,14 @@ def serve_backend(port: int) -> None:
                 self.transport.write(NOT_FOUND)
             if not self.parser.should_keep_alive():
                 self.transport.close()
+
+        async def stream(self, transport: asyncio.Transport) -> None:
+            # Token by token, yielding to the loop between events, as a generating server does.
+            for event in LONG_EVENTS:
+                if transport.is_closing():
+                    return
+                transport.write(event)
+                await asyncio.sleep(0)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -230,9 +269,14 @@ class ClientConn(asyncio.Protocol):
         return await self.waiter
 
 
-def request_bytes(port: int, model: str) -> bytes:
+def request_bytes(port: int, model: str, max_tokens: int = 8) -> bytes:
     body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "Say hello"}], "stream": True, "max_tokens": 8},
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hello"}],
+            "stream": True,
+            "max_tokens": max_tokens,
+        },
         separators=(",", ":"),
     ).encode()
     return (
@@ -263,8 +307,8 @@ async def latency(port: int, model: str, n: int, warmup: int) -> list[float]:
     return out
 
 
-async def throughput(port: int, model: str, concurrency: int, seconds: float) -> float:
-    data = request_bytes(port, model)
+async def throughput(port: int, model: str, concurrency: int, seconds: float, max_tokens: int = 8) -> float:
+    data = request_bytes(port, model, max_tokens)
     conns = [await _connect(port) for _ in range(concurrency)]
     done = 0
     errors = 0
@@ -292,6 +336,11 @@ async def throughput(port: int, model: str, concurrency: int, seconds: float) ->
     return done / elapsed
 
 
+async def stream_rate(port: int, model: str, concurrency: int, seconds: float) -> float:
+    """Streamed tokens per second: `concurrency` connections each receiving 256-token SSE streams."""
+    return LONG_TOKENS * await throughput(port, model, concurrency, seconds, LONG_TOKENS)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Processes
 
@@ -310,6 +359,8 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     lat: list[list[float]] = field(default_factory=list)
     tput: list[float] = field(default_factory=list)
+    tok1: list[float] = field(default_factory=list)  # streamed tokens/s, one connection
+    tokn: list[float] = field(default_factory=list)  # streamed tokens/s, --concurrency connections
     error: str = ""
 
 
@@ -562,6 +613,8 @@ def main() -> int:
                         try:
                             t.lat.append(await latency(t.port, t.model, args.requests, args.warmup))
                             t.tput.append(await throughput(t.port, t.model, args.concurrency, args.seconds))
+                            t.tok1.append(await stream_rate(t.port, t.model, 1, args.seconds))
+                            t.tokn.append(await stream_rate(t.port, t.model, args.concurrency, args.seconds))
                         except (RuntimeError, OSError) as exc:
                             t.error = str(exc)
                     print(f"round {rnd + 1}/{args.rounds} done", flush=True)
@@ -586,10 +639,14 @@ def report(started: list[Target], args: argparse.Namespace) -> None:
     print()
     print(
         f"Loopback, fake backend with a fixed 4-event SSE chat stream; latency: 1 connection x {args.requests} "
-        f"requests; throughput: {args.concurrency} connections x {args.seconds:g}s; median of {args.rounds} rounds."
+        f"requests; throughput: {args.concurrency} connections x {args.seconds:g}s; long streams: "
+        f"{LONG_TOKENS}-token SSE chat streams (one event per token) on 1 and {args.concurrency} connections x "
+        f"{args.seconds:g}s, streamed tokens/s; median of {args.rounds} rounds."
     )
     cols = ["target", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "req/s", "x direct"]
     cols += [f"x {r.name.split()[0]}" for r in refs]
+    cols += ["tok/s 1 stream", f"tok/s {args.concurrency} streams", "tok/s x direct"]
+    cols += [f"tok/s x {r.name.split()[0]}" for r in refs]
     rows = []
     for t in started:
         if t.error:
@@ -605,6 +662,9 @@ def report(started: list[Target], args: argparse.Namespace) -> None:
             f"{tput(t) / tput(direct):.2f}",
         ]
         row += [f"{tput(t) / tput(r):.2f}" for r in refs]
+        row += [f"{statistics.median(t.tok1):.0f}", f"{statistics.median(t.tokn):.0f}"]
+        row += [f"{statistics.median(t.tokn) / statistics.median(direct.tokn):.2f}"]
+        row += [f"{statistics.median(t.tokn) / statistics.median(r.tokn):.2f}" for r in refs]
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [cols, *rows]) for i in range(len(cols))]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |")

@@ -3,6 +3,7 @@
 It behaves like vLLM where the router cares: it serves one base model and the adapters it has "loaded"
 (listed by GET /v1/models with `parent` = the base), answers 404 for any other model, streams
 `data: {...}` events ending in `data: [DONE]`, reports `usage`, and notices a client that goes away.
+Faults on demand: reset the connection before answering, stall a stream, or die in the middle of one.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class FakeBackend:
     adapters: set[str] = field(default_factory=set)
     chunk_delay: float = 0.0  # seconds between stream chunks
     hold: asyncio.Event | None = None  # when set: requests wait for it before answering
+    stream_events: tuple[str, ...] = STREAM_TEXT  # the pieces a stream sends
+    reset_before_head: int = 0  # the next N generation requests: connection reset, nothing answered
+    stall_after: int | None = None  # streams send this many events, then nothing (until the client goes)
+    die_after: int | None = None  # streams send this many events, then the connection is reset
     seen: list[Seen] = field(default_factory=list)
     disconnects: int = 0
     completed_streams: int = 0
@@ -77,6 +82,11 @@ class FakeBackend:
         body = await request.json()
         model = body.get("model")
         self.seen.append(Seen(request.path, model, body, dict(request.headers)))
+        if self.reset_before_head > 0:
+            self.reset_before_head -= 1
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(3600)  # cancelled at once: the connection is gone
         if self.hold is not None:
             await self.hold.wait()
         if model != self.base_model and model not in self.adapters:
@@ -93,8 +103,9 @@ class FakeBackend:
             )
         chat = request.path.endswith("/chat/completions")
         created = int(time.time())
+        pieces = self.stream_events
         if not body.get("stream"):
-            text = "".join(STREAM_TEXT)
+            text = "".join(pieces)
             choice: dict[str, Any] = (
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                 if chat
@@ -109,15 +120,21 @@ class FakeBackend:
                     "choices": [choice],
                     "usage": {
                         "prompt_tokens": 3,
-                        "completion_tokens": len(STREAM_TEXT),
-                        "total_tokens": 3 + len(STREAM_TEXT),
+                        "completion_tokens": len(pieces),
+                        "total_tokens": 3 + len(pieces),
                     },
                 }
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
-            for i, piece in enumerate(STREAM_TEXT):
+            for i, piece in enumerate(pieces):
+                if i == self.stall_after:
+                    await asyncio.sleep(3600)
+                if i == self.die_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    await asyncio.sleep(3600)
                 if chat:
                     delta: dict[str, Any] = {"content": piece} if i else {"role": "assistant", "content": piece}
                     event: dict[str, Any] = {
@@ -138,7 +155,8 @@ class FakeBackend:
                 await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
-            if (body.get("stream_options") or {}).get("include_usage"):
+            options = body.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage"):
                 usage = {
                     "id": "x",
                     "object": "chat.completion.chunk" if chat else "text_completion",
@@ -147,8 +165,8 @@ class FakeBackend:
                     "choices": [],
                     "usage": {
                         "prompt_tokens": 3,
-                        "completion_tokens": len(STREAM_TEXT),
-                        "total_tokens": 3 + len(STREAM_TEXT),
+                        "completion_tokens": len(pieces),
+                        "total_tokens": 3 + len(pieces),
                     },
                 }
                 await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")

@@ -11,7 +11,7 @@ from typing import Any
 from loraserve.router.auth import KeyRing, parse_keys
 from loraserve.router.gateway import Gateway, RouterConfig
 from loraserve.router.hold import NullWaker, Waker
-from loraserve.router.httpserver import Server
+from loraserve.router.httpserver import BodyBudget, Limits, Server
 from loraserve.router.topology import DeploymentKey, Replica, TopologyStore, build_deployments
 
 NS = "default"
@@ -145,11 +145,13 @@ async def start_router(
     config: RouterConfig | None = None,
     waker: Waker | None = None,
     key_concurrency: int | None = None,
+    limits: Limits | None = None,
+    budget: BodyBudget | None = None,
 ) -> Harness:
     store = TopologyStore()
     ring = KeyRing(parse_keys(keys_yaml(keys)), default_max_concurrent=key_concurrency) if keys is not None else None
     gateway = Gateway(store, waker or NullWaker(), keys=ring, config=config or RouterConfig())
-    server = Server(gateway, gateway.config.max_body_bytes)
+    server = Server(gateway, limits or Limits(max_body=gateway.config.max_body_bytes), budget)
     port = await server.start("127.0.0.1", 0)
     return Harness(store, gateway, server, port)
 

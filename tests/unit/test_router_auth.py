@@ -74,12 +74,31 @@ def test_reload_keeps_in_flight() -> None:
     ring = KeyRing(parse_keys(keys_yaml(KEYS)))
     key = ring.authenticate("Bearer sk-team-b")
     assert key is not None
-    key.in_flight = 1
+    assert ring.acquire(key) is None
     ring.replace(parse_keys(keys_yaml(KEYS)))
     again = ring.authenticate("Bearer sk-team-b")
     assert again is not None
     assert again is not key
-    assert again.in_flight == 1
+    assert ring.in_flight(again.name) == 1
+
+
+def test_rotation_under_load_does_not_leak_the_concurrency_slot() -> None:
+    """A key with a limit rotated while its request is in flight: the request ends under the old key object,
+    and the new key must get the slot back (before: refused forever)."""
+    old_entries = [{"name": "team", "key": "sk-old", "maxConcurrentRequests": 1}]
+    ring = KeyRing(parse_keys(keys_yaml(old_entries)))
+    old = ring.authenticate("Bearer sk-old")
+    assert old is not None
+    assert ring.acquire(old) is None
+    ring.replace(parse_keys(keys_yaml([{"name": "team", "key": "sk-new", "maxConcurrentRequests": 1}])))
+    assert ring.authenticate("Bearer sk-old") is None
+    new = ring.authenticate("Bearer sk-new")
+    assert new is not None
+    assert ring.acquire(new) == 1  # the old key's request still counts against the name
+    ring.release(old.name)  # ... until it ends
+    assert ring.acquire(new) is None
+    ring.release(new.name)
+    assert ring.in_flight("team") == 0
 
 
 # -- over HTTP

@@ -8,6 +8,11 @@ The keys file (a Secret mounted as a file) is a YAML list; only SHA-256 digests 
       deployments: [llama-multi]   # optional: only these (a name, or <namespace>/<name>)
       maxConcurrentRequests: 64    # optional: requests at once (default: the router's --key-concurrency)
 
+Concurrency is counted per key NAME in the ring, not on the key objects: a reload (a rotated key gets a
+new digest under the same name) replaces the objects while requests are in flight, and those requests
+must give back what they took from the same count the new key checks, or the name leaks a slot per
+rotation until it is refused forever.
+
 A presented key is hashed and compared with every entry's digest with `hmac.compare_digest`, always all
 of them, so the time taken says nothing about which entry (or how much of one) matched.
 """
@@ -18,7 +23,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -37,7 +42,6 @@ class ApiKey:
     namespaces: frozenset[str] | None  # None: every namespace
     deployments: frozenset[str] | None  # None: every deployment in those namespaces
     max_concurrent: int | None = None
-    in_flight: int = field(default=0)
 
     def allows_namespace(self, namespace: str) -> bool:
         return self.namespaces is None or namespace in self.namespaces
@@ -108,22 +112,38 @@ def parse_keys(text: str) -> list[ApiKey]:
 
 
 class KeyRing:
-    """The keys in force. `replace` keeps each key's in-flight count across a reload (matched by name)."""
+    """The keys in force, and the requests in flight per key name (kept across reloads)."""
 
     def __init__(self, keys: Sequence[ApiKey] = (), default_max_concurrent: int | None = None) -> None:
         self.default_max_concurrent = default_max_concurrent
         self._keys: tuple[ApiKey, ...] = ()
+        self._in_flight: dict[str, int] = {}
         self.replace(keys)
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def replace(self, keys: Sequence[ApiKey]) -> None:
-        old = {k.name: k for k in self._keys}
-        for key in keys:
-            if key.name in old:
-                key.in_flight = old[key.name].in_flight
         self._keys = tuple(keys)
+
+    def in_flight(self, name: str) -> int:
+        return self._in_flight.get(name, 0)
+
+    def acquire(self, key: ApiKey) -> int | None:
+        """Count one more request for `key`'s name. Returns the limit instead when it is already reached."""
+        count = self._in_flight.get(key.name, 0)
+        limit = self.limit_for(key)
+        if limit is not None and count >= limit:
+            return limit
+        self._in_flight[key.name] = count + 1
+        return None
+
+    def release(self, name: str) -> None:
+        count = self._in_flight.get(name, 0) - 1
+        if count > 0:
+            self._in_flight[name] = count
+        else:
+            self._in_flight.pop(name, None)
 
     def authenticate(self, authorization: bytes | str | None) -> ApiKey | None:
         """The key for an `Authorization: Bearer <key>` value, or None. Constant time over the entries."""

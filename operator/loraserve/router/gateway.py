@@ -3,7 +3,22 @@
 POST /v1/completions and /v1/chat/completions: authenticate, parse the body, resolve `model` (pure:
 model_names), pick the adapter version (pure: balancer), rewrite `model` to the served name, pick a replica
 (pure: balancer) or hold the request until one is ready (hold), then stream the replica's response back as
-it arrives. GET /v1/models, /health, /metrics and /openapi.json answer from memory.
+it arrives. GET /v1/models, /health, /metrics and /openapi.json answer from memory (/metrics can move to
+a port of its own: `serve_metrics=False` here and a `MetricsHandler` server there).
+
+Failures, as a client sees them:
+- The body must be strict JSON (jsonbody): too deep or non-standard numbers are a 400, never a 500.
+- A replica that takes nothing from us (connect refused or timed out) or breaks the connection before a
+  single byte of its answer came back is not the end: the request goes to another ready replica (up to
+  `max_retries` of them). A pooled keep-alive connection the replica had already closed is retried once on
+  a fresh connection to the same replica. Once any byte of the answer was received, never: the replica may
+  have acted on the request.
+- One watchdog task per gateway, not a timer per request, checks every exchange: no response head within
+  `head_timeout` is a 504; a response that started and then received nothing for `stream_idle_timeout` is
+  cut off. A server-sent-event stream that is cut off (stalled, or the replica died) ends with an error
+  event, `data: {"error": {...}}`, which the OpenAI SDKs raise as an APIError, and a proper end of the
+  chunked body; any other body cut short is aborted so it cannot look complete.
+- Error bodies name deployments, never a replica's address (that goes to the log).
 """
 
 from __future__ import annotations
@@ -26,14 +41,16 @@ from loraserve.router.errors import (
     RouterError,
     bad_gateway,
     bad_request,
+    error_body,
     forbidden,
     not_found,
     too_many,
     unauthorized,
     unavailable,
 )
-from loraserve.router.hold import DeploymentGone, HoldQueue, Waker
+from loraserve.router.hold import DeploymentGone, HoldQueue, RouterStopping, Waker
 from loraserve.router.httpserver import Connection, Request, encode_headers
+from loraserve.router.jsonbody import DEFAULT_MAX_DEPTH, parse_json
 from loraserve.router.metrics import RouterMetrics, Series
 from loraserve.router.model_names import model_ids, parse_model, resolve
 from loraserve.router.topology import DeploymentState, Replica, TopologyStore
@@ -70,10 +87,21 @@ class RouterConfig:
     key_concurrency: int | None = None  # default per-key limit of requests at once (None: unlimited)
     connect_timeout: float = 3.0
     head_timeout: float = 900.0  # request sent -> response head from the replica
-    max_retries: int = 2  # other replicas tried after a connect failure
+    stream_idle_timeout: float = 300.0  # response started -> silence that cuts it off (0: never)
+    max_retries: int = 2  # other replicas tried when one received nothing
     max_held_per_deployment: int = 10000
+    max_json_depth: int = DEFAULT_MAX_DEPTH
     wake_interval: float = 2.0  # least seconds between two wakes of one deployment
     access_log: bool = False
+    serve_metrics: bool = True  # /metrics on the API port too (False: only on the metrics port)
+
+
+class _NothingReceived(Exception):
+    """The replica failed before sending a byte of its answer: the request may go to another one."""
+
+
+class _Stalled(Exception):
+    """The replica sent nothing for too long."""
 
 
 def deprecation_headers(canonical: str) -> tuple[tuple[str, str], ...]:
@@ -92,7 +120,11 @@ class _ProxySink:
         "done",
         "extra",
         "first_byte",
+        "reads",
+        "seen_at",
+        "seen_reads",
         "series",
+        "sse",
         "started",
         "status",
         "t0",
@@ -101,7 +133,7 @@ class _ProxySink:
     )
 
     def __init__(
-        self, client: Connection, extra: bytes, series: Series, t0: float, upstream: UpstreamConnection
+        self, client: Connection, extra: bytes, series: Series, t0: float, upstream: UpstreamConnection, now: float
     ) -> None:
         self.client = client
         self.extra = extra
@@ -111,10 +143,15 @@ class _ProxySink:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status = 0
         self.started = False
+        self.sse = False
         self.first_byte = False
         self.tail = b""
+        self.reads = 0  # reads from the replica so far; the watchdog compares it with what it last saw
+        self.seen_reads = 0
+        self.seen_at = now
 
     def begin(self) -> None:
+        self.reads += 1
         self.client.cork()
 
     def end(self) -> None:
@@ -132,6 +169,8 @@ class _ProxySink:
                 elif name == b"transfer-encoding" and value.lower() != b"identity":
                     chunked = True
                 continue
+            if name == b"content-type" and value.startswith(b"text/event-stream"):
+                self.sse = True
             out.append(name + b": " + value + b"\r\n")
         if chunked:
             length = None
@@ -163,15 +202,34 @@ class _ProxySink:
 
     def on_error(self, exc: BaseException) -> None:
         if self.started:
-            self.client.abort()  # a cut-off body must not look complete to the client
+            self._cut(f"The model server broke the response off ({_reason(exc)}).", "upstream_disconnected")
+        elif self.reads == 0:
+            exc = _NothingReceived(str(exc))
         if not self.done.done():
             self.done.set_exception(exc)
 
-    def head_timeout(self) -> None:
-        if not self.started:
-            self.upstream.abort()
-            if not self.done.done():
-                self.done.set_exception(TimeoutError("no response head from the replica in time"))
+    def _cut(self, message: str, code: str) -> None:
+        """End a response that cannot be completed: an SSE stream with an error event, anything else abruptly."""
+        client = self.client
+        if self.sse and client.streaming:
+            sep = b"" if not self.tail or self.tail.endswith(b"\n\n") else b"\n\n"  # end a half-sent event
+            client.write(sep + b"data: " + error_body(message, "server_error", None, code) + b"\n\n")
+            client.finish()
+        else:
+            client.abort()  # a cut-off body must not look complete to the client
+
+    def stalled(self, seconds: float) -> None:
+        """The watchdog saw nothing from the replica for `seconds`."""
+        self.upstream.abort()  # no more callbacks from it
+        if self.started:
+            self._cut(f"The model server sent nothing for {seconds:g}s; the stream was ended.", "upstream_stalled")
+        if not self.done.done():
+            self.done.set_exception(_Stalled())
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, without the replica's address."""
+    return "connection closed" if "closed" in str(exc) else "malformed response"
 
 
 class Gateway:
@@ -194,6 +252,8 @@ class Gateway:
         self.metrics = metrics or RouterMetrics()
         self.holds = HoldQueue(store, waker, min_wake_interval=self.config.wake_interval, on_wake=self._count_wake)
         self.pool = UpstreamPool(connect_timeout=self.config.connect_timeout)
+        self._active: set[_ProxySink] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self._openapi = openapi.render().encode()
         self._started = int(time.time())
         # /health answers 503 until this says the topology was loaded once (the first list of every watch).
@@ -206,13 +266,37 @@ class Gateway:
             b"/metrics": (b"GET", self._metrics),
             b"/openapi.json": (b"GET", self._openapi_doc),
         }
+        if not self.config.serve_metrics:
+            del self._routes[b"/metrics"]
 
     def _count_wake(self, key: tuple[str, str]) -> None:
         self.metrics.wake(*key)
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         await self.holds.close()
         self.pool.close()
+
+    async def _watch(self) -> None:
+        """Every exchange's deadlines, checked a few times per shortest timeout (see the module doc)."""
+        cfg = self.config
+        limits = [t for t in (cfg.head_timeout, cfg.stream_idle_timeout) if t > 0]
+        tick = max(0.01, min(1.0, min(limits, default=4.0) / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for sink in list(self._active):
+                if sink.reads != sink.seen_reads:
+                    sink.seen_reads = sink.reads
+                    sink.seen_at = now
+                    continue
+                limit = cfg.stream_idle_timeout if sink.started else cfg.head_timeout
+                if limit > 0 and now - sink.seen_at >= limit:
+                    self._active.discard(sink)
+                    sink.stalled(limit)
 
     # -- entry
 
@@ -251,10 +335,7 @@ class Gateway:
     async def _proxy(self, request: Request, conn: Connection) -> None:
         t0 = time.perf_counter()
         key = self._authenticate(request)
-        try:
-            body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("We could not parse the JSON body of your request.") from None
+        body = parse_json(request.body, self.config.max_json_depth)
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
         model = body.get("model")
@@ -271,13 +352,8 @@ class Gateway:
             namespace_allowed=key.allows_namespace if key is not None else None,
         )
         state = res.deployment
-        if key is not None:
-            if not key.allows(state.namespace, state.name):
-                raise forbidden(f"This API key may not use deployment {state.namespace}/{state.name}")
-            assert self.keys is not None
-            limit = self.keys.limit_for(key)
-            if limit is not None and key.in_flight >= limit:
-                raise too_many(limit)
+        if key is not None and not key.allows(state.namespace, state.name):
+            raise forbidden(f"This API key may not use deployment {state.namespace}/{state.name}")
         user = body.get("user")
         adapter: str | None = None
         if res.addon is not None:
@@ -299,11 +375,14 @@ class Gateway:
         legacy = deprecation_headers(res.canonical) if res.legacy else ()
         extra = encode_headers(legacy) if legacy else b""
 
+        if key is not None:
+            assert self.keys is not None
+            limit = self.keys.acquire(key)  # counted per key name: see auth
+            if limit is not None:
+                raise too_many(limit)
         series = self.metrics.series(state.namespace, state.name, res.addon)
         series.in_flight += 1
         series.accepted()
-        if key is not None:
-            key.in_flight += 1
         code = 500
         try:
             code = await self._dispatch(request, conn, state, adapter, payload, series, extra, t0)
@@ -316,7 +395,8 @@ class Gateway:
             raise
         finally:
             if key is not None:
-                key.in_flight -= 1
+                assert self.keys is not None
+                self.keys.release(key.name)
             series.in_flight -= 1
             series.finished(code)
             series.duration.observe(time.perf_counter() - t0)
@@ -345,25 +425,44 @@ class Gateway:
         t0: float,
     ) -> int:
         failed: list[Replica] = []
+        fresh = False  # after a pooled connection failed: a new connection to the same replica, once
+        stale_retried = False
+        where = f"{state.namespace}/{state.name}"
         while True:
-            replica = choose_replica(state.replicas.values(), adapter, failed)
-            if replica is not None:
+            if fresh:
+                replica = failed.pop()
                 replica.in_flight += 1
-            elif failed:
-                raise bad_gateway(f"no replica of {state.namespace}/{state.name} could be reached")
             else:
-                replica = await self._hold(state, adapter, series)
+                chosen = choose_replica(state.replicas.values(), adapter, failed)
+                if chosen is not None:
+                    replica = chosen
+                    replica.in_flight += 1
+                elif failed:
+                    raise bad_gateway(f"No replica of {where} could be reached")
+                else:
+                    replica = await self._hold(state, adapter, series)
             try:
-                upstream = await self.pool.acquire(replica.host, replica.port)
-            except ConnectError as exc:
-                replica.in_flight -= 1
-                failed.append(replica)
+                try:
+                    upstream = await self.pool.acquire(replica.host, replica.port, fresh=fresh)
+                except ConnectError as exc:
+                    log.warning("%s: replica %s unreachable: %s", where, replica.url, exc)
+                    failed.append(replica)
+                    fresh = False
+                else:
+                    reused = upstream.reused
+                    try:
+                        return await self._exchange(request, conn, upstream, replica, payload, series, extra, t0)
+                    except _NothingReceived as exc:
+                        failed.append(replica)
+                        fresh = reused and not stale_retried  # the replica may just have closed an idle one
+                        stale_retried |= fresh
+                        log.warning("%s: replica %s answered nothing (%s); retrying", where, replica.url, exc)
+                        if fresh:
+                            series.retries += 1
+                            continue
                 if len(failed) > self.config.max_retries:
-                    raise bad_gateway(f"no replica of {state.namespace}/{state.name} could be reached: {exc}") from None
+                    raise bad_gateway(f"No replica of {where} could be reached")
                 series.retries += 1
-                continue
-            try:
-                return await self._exchange(request, conn, upstream, replica, payload, series, extra, t0)
             finally:
                 replica.in_flight -= 1
 
@@ -387,6 +486,12 @@ class Gateway:
                 f"deployment {state.namespace}/{state.name} has no ready replica{what} after waiting "
                 f"{timeout:g}s (scale from zero); retry later",
                 code="scale_from_zero_timeout",
+            ) from None
+        except RouterStopping:
+            raise unavailable(
+                "The router is restarting; retry (the request was not sent to any replica)",
+                code="router_restarting",
+                retry_after=1,
             ) from None
         except DeploymentGone:
             raise not_found(
@@ -421,25 +526,38 @@ class Gateway:
         if rid is not None:
             head += b"x-request-id: " + rid + b"\r\n"
         head += self.tokens.header_line(*replica.deployment)
-        sink = _ProxySink(conn, extra, series, t0, upstream)
+        loop = asyncio.get_running_loop()
+        sink = _ProxySink(conn, extra, series, t0, upstream, loop.time())
         conn.on_pause = upstream.pause
         conn.on_resume = upstream.resume
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.config.head_timeout, sink.head_timeout)
+        if self._watchdog is None:
+            self._watchdog = loop.create_task(self._watch())
+        self._active.add(sink)
         upstream.send(head + b"\r\n" + payload, sink)
+        where = f"{replica.deployment[0]}/{replica.deployment[1]}"
         try:
             await sink.done
         except asyncio.CancelledError:
             upstream.abort()  # the client went away: so does the request to the replica
             raise
-        except TimeoutError:
-            raise RouterError(504, f"replica {replica.url} sent no response in time", code="upstream_timeout") from None
-        except UpstreamError as exc:
+        except _Stalled:
             if sink.started:
-                return sink.status
-            raise bad_gateway(f"replica of {replica.url} failed: {exc}") from None
+                return 504
+            log.warning("replica %s sent no response head in %gs", replica.url, self.config.head_timeout)
+            raise RouterError(
+                504,
+                f"A replica of {where} sent no response in {self.config.head_timeout:g}s",
+                code="upstream_timeout",
+            ) from None
+        except _NothingReceived:
+            raise
+        except UpstreamError as exc:
+            log.warning("replica %s failed: %s", replica.url, exc)
+            if sink.started:
+                return 502
+            raise bad_gateway(f"A replica of {where} broke the response off before it started") from None
         finally:
-            timer.cancel()
+            self._active.discard(sink)
             conn.on_pause = None
             conn.on_resume = None
         return sink.status
@@ -489,3 +607,19 @@ class Gateway:
 
     async def _openapi_doc(self, request: Request, conn: Connection) -> None:
         conn.send(200, self._openapi)
+
+
+class MetricsHandler:
+    """The metrics port: GET /metrics (and /health, for probes), nothing else."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def handle(self, request: Request, conn: Connection) -> None:
+        if request.path == b"/metrics" and request.method == b"GET":
+            conn.send(200, self.gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+        elif request.path == b"/health" and request.method == b"GET":
+            conn.send(200, b'{"status":"ok"}')
+        else:
+            err = RouterError(404, "Only GET /metrics and /health are served on this port", code="not_found")
+            conn.send(err.status, err.body())

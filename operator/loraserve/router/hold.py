@@ -44,6 +44,10 @@ class DeploymentGone(Exception):
     """The deployment a request was held for was deleted."""
 
 
+class RouterStopping(Exception):
+    """The router is shutting down: a held request is refused (503) rather than dropped unanswered."""
+
+
 @dataclass(eq=False, slots=True)
 class HeldRequest:
     key: DeploymentKey
@@ -165,6 +169,17 @@ class HoldQueue:
                 fut.result().in_flight -= 1
         else:
             fut.cancel()
+
+    def fail_all(self) -> int:
+        """Refuse every held request (shutdown). Returns how many there were."""
+        n = 0
+        for queue in self._queues.values():
+            for held in queue:
+                if not held.future.done():
+                    held.future.set_exception(RouterStopping())
+                    n += 1
+        self._queues.clear()
+        return n
 
     async def close(self) -> None:
         for task in self._wakes.values():

@@ -198,4 +198,6 @@ class RouterMetrics(Collector):
         for key in sorted(self.wakeups):
             wakeups.add_metric(list(key), self.wakeups[key])
         yield wakeups
-        yield counter("upstream_retries", "Requests sent to another replica after a connect failure.", "retries")
+        yield counter(
+            "upstream_retries", "Requests sent to another replica after one received nothing of them.", "retries"
+        )

@@ -32,15 +32,21 @@ def _error_response(description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     texts = {
-        400: "Malformed body, missing or malformed model, or an ambiguous deployment name.",
+        400: "Malformed body (not JSON, nested deeper than --max-json-depth, or NaN/Infinity/overflowing "
+        "numbers), missing or malformed model, or an ambiguous deployment name.",
+        408: "The request head or body did not arrive in time (--header-timeout, --body-timeout).",
         401: "No API key, or an unknown one.",
         403: "The API key may not use this namespace or deployment.",
         404: "Unknown model or deployment (or no such route).",
         413: "The body is larger than the router's limit (--max-body-bytes).",
+        414: "The request target is longer than --max-request-target-bytes.",
+        431: "The request headers exceed --max-header-bytes or --max-headers.",
         429: "The API key has as many requests in flight as it may.",
-        502: "No replica could be reached, or one broke the response off before it started.",
-        503: "No replica became ready within the deployment's scale-from-zero timeout (Retry-After is set).",
-        504: "The replica sent no response head in time.",
+        502: "No replica could be reached (each one that received nothing was tried), or one broke the "
+        "response off before it started.",
+        503: "No replica became ready within the deployment's scale-from-zero timeout, or the router is at its "
+        "connection cap or memory budget for request bodies (Retry-After is set).",
+        504: "The replica sent no response head within --head-timeout.",
     }
     out: dict[str, Any] = {str(c): _error_response(texts[c]) for c in codes}
     if 503 in codes:
@@ -90,7 +96,7 @@ def _generation(kind: str, schema: str, example: dict[str, Any]) -> dict[str, An
                         "text/event-stream": {"schema": {"type": "string"}},
                     },
                 },
-                **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
+                **_errors(400, 401, 403, 404, 408, 413, 414, 429, 431, 502, 503, 504),
             },
         }
     }
@@ -102,9 +108,20 @@ def _request_schema(required: list[str], extra: dict[str, Any]) -> dict[str, Any
         "required": required,
         "additionalProperties": True,
         "properties": {
-            "model": {"type": "string", "description": MODEL_DESCRIPTION, "example": "support-bot#llama-multi"},
+            "model": {
+                "type": "string",
+                "minLength": 1,
+                "description": MODEL_DESCRIPTION,
+                "example": "support-bot#llama-multi",
+            },
             **extra,
-            "stream": {"type": "boolean", "default": False, "description": "Server-sent events, passed through."},
+            "stream": {
+                "type": "boolean",
+                "default": False,
+                "description": "Server-sent events, passed through. A stream the replica stops feeding for "
+                "--stream-idle-timeout, or that breaks off, ends with an error event "
+                '(data: {"error": {...}}), which the OpenAI SDKs raise.',
+            },
             "user": {
                 "type": "string",
                 "description": "End-user id. When the model is an addon with several versions, the same user "
@@ -112,6 +129,7 @@ def _request_schema(required: list[str], extra: dict[str, Any]) -> dict[str, Any
             },
             "deployedModel": {
                 "type": "string",
+                "minLength": 1,
                 "deprecated": True,
                 "description": "Legacy: the deployment (<deployment> or accounts/<ns>/deployments/<d>), with "
                 "model naming the model. Routes, and the response carries Deprecation and Warning headers; "

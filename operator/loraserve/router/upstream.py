@@ -45,6 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.head_seen = False
+        self.reused = False  # taken from the pool: the replica may have closed it meanwhile
 
     # -- asyncio.Protocol
 
@@ -131,15 +132,17 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
 
-    async def acquire(self, host: str, port: int) -> UpstreamConnection:
-        """An idle pooled connection to host:port, or a new one. Raises ConnectError."""
+    async def acquire(self, host: str, port: int, fresh: bool = False) -> UpstreamConnection:
+        """An idle pooled connection to host:port, or a new one (always, with `fresh`: the pooled ones
+        to this host are dropped, since one just turned out dead). Raises ConnectError."""
         key = (host, port)
         idle = self._idle.get(key)
         if idle:
             now = asyncio.get_running_loop().time()
             while idle:
                 conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                if not fresh and not conn.closed and now - conn.idle_since < self.idle_timeout:
+                    conn.reused = True
                     return conn
                 conn.abort()
         loop = asyncio.get_running_loop()
