@@ -277,3 +277,36 @@ def test_a_pod_that_cannot_tolerate_the_taint_is_stalled_with_the_schedulers_rea
     assert "untolerated taint" in stalled["message"]
     assert status["message"].startswith("Unschedulable: ")
     cluster.kubectl("delete", "lsd", "untolerated", "-n", namespace)
+
+
+def test_each_way_a_replica_cannot_start_is_stalled_with_its_reason(
+    cluster: LocalCluster, operator: Operator, run_pool: str, namespace: str, tiny_model: Path
+) -> None:
+    def on_run_pool(name: str, **spec: Any) -> dict[str, Any]:
+        doc = example(minReplicas=1, region=run_pool, tolerations=[RUN_TOLERATION], **spec)
+        doc["metadata"]["name"] = name
+        doc["spec"]["baseModel"] = f"file://{tiny_model}"
+        return doc
+
+    def stalled(name: str) -> dict[str, Any]:
+        status: dict[str, Any] = wait_for(
+            lambda: condition(s := cr_status(cluster, namespace, name), "Stalled").get("status") == "True" and s,
+            timeout=180,
+            message=f"{name} Stalled",
+        )
+        return condition(status, "Stalled")
+
+    # More CPU than any node has: the scheduler's words, not a GPU stockout.
+    apply(cluster, namespace, on_run_pool("greedy", resources={"requests": {"cpu": "4000"}}))
+    # vLLM refuses a flag it does not know and exits; restarted with the kubelet's back-off, it crash-loops.
+    apply(cluster, namespace, on_run_pool("crashy", extraArgs=["--no-such-flag"]))
+
+    greedy = stalled("greedy")
+    assert greedy["reason"] == "Unschedulable", greedy["message"]
+    assert "Insufficient cpu" in greedy["message"]
+    crashy = stalled("crashy")
+    assert crashy["reason"] == "ModelServerFailing", crashy["message"]
+    assert "CrashLoopBackOff" in crashy["message"]
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=crashy").stdout
+    assert "ModelServerFailing" in events
+    cluster.kubectl("delete", "lsd", "greedy", "crashy", "-n", namespace)

@@ -93,6 +93,15 @@ class ContainerState:
     waiting_reason: str | None = None
     waiting_message: str = ""
     process: subprocess.Popen[bytes] | None = None
+    spawned_at: float = 0.0
+    back_off: float = 0.0  # the kubelet's crash back-off: 10 s, doubling up to 5 min, reset after 10 min up
+    restart_at: float | None = None
+    last_exit: int | None = None
+
+
+CRASH_BACK_OFF_FIRST = 10.0
+CRASH_BACK_OFF_MAX = 300.0
+CRASH_BACK_OFF_RESET = 600.0
 
 
 def local_command(container: dict[str, Any], vllm_python: str | None) -> list[str] | None:
@@ -206,7 +215,33 @@ class PodRunner:
             )
         state.started = True
         state.waiting_reason = None
+        state.spawned_at = time.monotonic()
         return True
+
+    def _crashed(self, state: ContainerState) -> None:
+        """A container exited: restart it after the kubelet's back-off, showing CrashLoopBackOff meanwhile."""
+        assert state.process is not None
+        now = time.monotonic()
+        up = now - state.spawned_at
+        state.back_off = (
+            CRASH_BACK_OFF_FIRST
+            if up >= CRASH_BACK_OFF_RESET or not state.back_off
+            else min(state.back_off * 2, CRASH_BACK_OFF_MAX)
+        )
+        state.restarts += 1
+        state.ready = False
+        state.last_exit = state.process.returncode
+        state.restart_at = now + state.back_off
+        state.waiting_reason = "CrashLoopBackOff"
+        pod = self.pod["metadata"]["name"]
+        state.waiting_message = f"back-off {state.back_off:.0f}s restarting failed container={state.name} pod={pod}"
+        log.warning(
+            "pod %s container %s exited with %s; restarting in %.0fs",
+            self.pod["metadata"]["name"],
+            state.name,
+            state.last_exit,
+            state.back_off,
+        )
 
     @staticmethod
     def _kill(state: ContainerState) -> None:
@@ -260,15 +295,11 @@ class PodRunner:
         while not self.stopped.wait(1.0):
             changed = False
             for container, state in zip(spec["containers"], self.containers, strict=True):
-                if state.process is not None and state.process.poll() is not None:
-                    log.warning(
-                        "pod %s container %s exited with %s; restarting",
-                        self.pod["metadata"]["name"],
-                        state.name,
-                        state.process.returncode,
-                    )
-                    state.restarts += 1
-                    state.ready = False
+                if state.restart_at is None and state.process is not None and state.process.poll() is not None:
+                    self._crashed(state)
+                    changed = True
+                if state.restart_at is not None and time.monotonic() >= state.restart_at:
+                    state.restart_at = None
                     self._spawn(container, state)
                     changed = True
                 ready = self._probe(container)
@@ -297,7 +328,10 @@ class PodRunner:
                         "reason": "Completed" if state.process.returncode == 0 else "Error",
                     }
                 }
+            if state.last_exit is not None:
+                st_last = {"terminated": {"exitCode": state.last_exit, "reason": "Error", "finishedAt": now}}
             out = {
+                "lastState": st_last if state.last_exit is not None else {},
                 "name": state.name,
                 "image": state.image,
                 "imageID": state.image,
