@@ -107,7 +107,6 @@ def weights_text(addon: str, spec: LoraAddonSpec, versions: dict[str, ModelVersi
 
 
 # -- the serverless pool: one shared, operator-managed Deployment per base model and namespace ---------------
-POOL_LABEL = "serving.loraserve.dev/serverless-pool"
 POOL_CAPACITY = 100
 
 

@@ -19,7 +19,7 @@ from loraserve.api.addon import LoraAddonSpec
 from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
-from loraserve.api.naming import MODEL_SERVER_PORT, addon_deployment, selector_labels
+from loraserve.api.naming import MODEL_SERVER_PORT, POOL_LABEL, addon_deployment, selector_labels
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube, model_server_tokens
 from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_addon_signals
@@ -178,7 +178,7 @@ def _serverless_pool(
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Deployment",
-            "metadata": {"name": pool, "labels": {addons.POOL_LABEL: "true"}},
+            "metadata": {"name": pool, "labels": {POOL_LABEL: "true"}},
             "spec": addons.pool_spec(base_model, overrides),
         }
         try:

@@ -36,6 +36,7 @@ from loraserve.router.hold import DeploymentGone, HoldQueue, Waker
 from loraserve.router.httpserver import Connection, Request, encode_headers
 from loraserve.router.metrics import RouterMetrics, Series
 from loraserve.router.model_names import model_ids, parse_model, resolve
+from loraserve.router.prompts import apply_system_prompt
 from loraserve.router.topology import DeploymentState, Replica, TopologyStore
 from loraserve.router.upstream import ConnectError, RawHeaders, UpstreamConnection, UpstreamError, UpstreamPool
 from loraserve.tokens import ModelServerTokens
@@ -280,6 +281,7 @@ class Gateway:
                 raise too_many(limit)
         user = body.get("user")
         adapter: str | None = None
+        label: str | None = None  # the version label of the metrics (automatic rollback compares by it)
         if res.addon is not None:
             version = pick_version(res.addon, res.versions, user if isinstance(user, str) else None)
             if version is None:
@@ -288,8 +290,10 @@ class Gateway:
                     "ModelVersion yet",
                     code="addon_not_ready",
                 )
-            adapter = version.served_name
+            adapter, label = version.served_name, version.version
             body["model"] = adapter
+            if request.path == b"/v1/chat/completions":
+                apply_system_prompt(body, version.system_prompt, version.prompt_policy)
         else:
             body["model"] = state.view.base_model
         try:
@@ -299,7 +303,7 @@ class Gateway:
         legacy = deprecation_headers(res.canonical) if res.legacy else ()
         extra = encode_headers(legacy) if legacy else b""
 
-        series = self.metrics.series(state.namespace, state.name, res.addon)
+        series = self.metrics.series(state.namespace, state.name, res.addon, label)
         series.in_flight += 1
         series.accepted()
         if key is not None:
