@@ -33,6 +33,7 @@ class FakeBackend:
     chunk_delay: float = 0.0  # seconds between stream chunks
     hold: asyncio.Event | None = None  # when set: requests wait for it before answering
     seen: list[Seen] = field(default_factory=list)
+    failing: set[str] = field(default_factory=set)  # models answered 500 (a fault injected at the replica)
     disconnects: int = 0
     completed_streams: int = 0
     url: str = ""
@@ -79,6 +80,10 @@ class FakeBackend:
         self.seen.append(Seen(request.path, model, body, dict(request.headers)))
         if self.hold is not None:
             await self.hold.wait()
+        if model in self.failing:
+            return web.json_response(
+                {"error": {"message": "injected fault", "type": "InternalServerError"}}, status=500
+            )
         if model != self.base_model and model not in self.adapters:
             return web.json_response(
                 {
