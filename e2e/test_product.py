@@ -441,6 +441,9 @@ def test_serverless_addon_answers(product: Product, user_namespace: str) -> None
     model, text = complete(product, f"haiku#{pool}")
     assert model == "haiku-v1"
     assert text == seen["poet-v1"]  # the same adapter as poet v1, served by the shared pool
+    # A serverless addon is callable by its own name alone, as a user of a serverless API writes it.
+    assert complete(product, "haiku") == (model, text)
+    assert complete(product, f"accounts/{ns}/models/haiku") == (model, text)
 
 
 def test_live_merge_serves_base_plus_adapter(product: Product, user_namespace: str) -> None:
