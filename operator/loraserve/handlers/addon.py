@@ -288,6 +288,12 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         body, spec, generation, previous, present, counters, (namespace, deployment_name, name), memo, now
     )
     base.update(effectiveTargets=decision.effective, autoRollback=decision.status)
+    if decision.status and decision.status.get("rolledBack"):
+        # `kubectl get lora` shows the weights traffic really follows
+        labels = {t["modelVersion"]: v.version for t in decision.effective if (v := present.get(t["modelVersion"]))}
+        base["versions"] = ",".join(
+            f"{labels.get(t['modelVersion'], t['modelVersion'])}:{t['weight']}" for t in decision.effective
+        )
     last_request = max(
         t
         for t in (
