@@ -152,6 +152,7 @@ def test_auto_rollback_then_flips_by_hand_under_traffic(
         {"modelVersion": "bot-v1", "weight": 100},
         {"modelVersion": "bot-v2", "weight": 0},
     ]
+    assert st["versions"] == "v1:100,v2:0"  # what `kubectl get lora` shows: the weights traffic follows
     condition = rollback_condition(st)
     assert (condition["status"], condition["reason"]) == ("True", "ErrorRateExceeded")
     assert "bot-v2" in condition["message"]
