@@ -265,6 +265,62 @@ def test_rollback_is_a_pointer_flip_served_at_once(product: Product, user_namesp
     assert text == seen["poet-v2"]
 
 
+def test_a_failing_version_is_rolled_back_automatically(product: Product, user_namespace: str) -> None:
+    """poet v3's adapter cannot be fetched, so each request routed to it ends in the router's 503 (held for
+    an adapter no replica has): the autoRollback rule moves its traffic to control through status alone."""
+    ns = user_namespace
+    broken = {
+        "apiVersion": API,
+        "kind": "ModelVersion",
+        "metadata": {"name": "poet-v3"},
+        "spec": {
+            "version": "v3",
+            "baseModel": {"name": seen["base"], "revision": "local"},
+            "adapter": {"uri": "file:///gone"},
+        },
+    }
+    timeout = "serving.loraserve.dev/scale-from-zero-timeout"
+    product.cluster.kubectl("annotate", "lsd", "multi", "-n", ns, f"{timeout}=3s", "--overwrite")
+    poet = addon("poet", "multi", ("poet-v2", 50), ("poet-v3", 50))
+    poet["spec"]["autoRollback"] = {"control": "poet-v2", "maxErrorRate": 0.2, "minRequests": 4, "window": "2m"}
+    apply(product, ns, broken, poet)
+    applied = get(product, ns, "addon", "poet")
+
+    def answer(user: str) -> str:
+        try:
+            return complete(product, "poet#multi", user=user)[0]
+        except openai.APIStatusError as exc:
+            return str(exc.status_code)
+
+    users = [f"roll-{i}" for i in range(12)]
+    first = wait_for(
+        lambda: (got := [answer(u) for u in users]) and "503" in got and got,
+        timeout=120,
+        message="poet-v3 failing under traffic",
+    )
+    assert set(first) == {"poet-v2", "503"}
+    st = wait_for(
+        lambda: (
+            status(product, ns, "addon", "poet").get("autoRollback", {}).get("rolledBack")
+            and status(product, ns, "addon", "poet")
+        ),
+        timeout=120,
+        message="rolled back",
+    )
+    assert (st["autoRollback"]["modelVersion"], st["autoRollback"]["metric"]) == ("poet-v3", "errorRate")
+    rolled = next(c for c in st["conditions"] if c["type"] == "RolledBack")
+    assert (rolled["status"], rolled["reason"]) == ("True", "ErrorRateExceeded")
+    events = get(product, ns, "events", "--field-selector", "involvedObject.name=poet,reason=RolledBack")["items"]
+    assert events
+    now = get(product, ns, "addon", "poet")
+    assert (now["spec"], now["metadata"]["generation"]) == (applied["spec"], applied["metadata"]["generation"])
+    wait_for(lambda: all(answer(u) == "poet-v2" for u in users), timeout=60, message="all traffic on control")
+    # Re-armed by the user's next spec (v3 out), and the short hold bound taken away again.
+    apply(product, ns, addon("poet", "multi", ("poet-v2", 100)))
+    product.cluster.kubectl("annotate", "lsd", "multi", "-n", ns, f"{timeout}-")
+    wait_for(lambda: status(product, ns, "addon", "poet").get("state") == "READY", timeout=120, message="poet READY")
+
+
 def test_model_servers_refuse_callers_without_the_token(product: Product, user_namespace: str) -> None:
     ns = user_namespace
     (ip, *_) = ready_pod_ips(product, ns, "multi")
@@ -441,6 +497,9 @@ def test_serverless_addon_answers(product: Product, user_namespace: str) -> None
     model, text = complete(product, f"haiku#{pool}")
     assert model == "haiku-v1"
     assert text == seen["poet-v1"]  # the same adapter as poet v1, served by the shared pool
+    # A serverless addon is callable by its own name alone, as a user of a serverless API writes it.
+    assert complete(product, "haiku") == (model, text)
+    assert complete(product, f"accounts/{ns}/models/haiku") == (model, text)
 
 
 def test_live_merge_serves_base_plus_adapter(product: Product, user_namespace: str) -> None:

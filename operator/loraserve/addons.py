@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
 from loraserve.api.addon import LoraAddonSpec
 from loraserve.api.deployment import DeploymentSpec
@@ -98,6 +101,27 @@ def plan(addon: str, wanted: list[Artifact], keep_warm: set[str], replicas: list
     return plans
 
 
+def keep_warm(
+    retired: Mapping[str, str],
+    served: list[str],
+    wanted: set[str],
+    now: datetime,
+    grace: timedelta,
+    idle: bool,
+) -> dict[str, str]:
+    """Versions dropped from the targets stay loaded for `grace` (served name -> when it left), so a rollback
+    by hand is a pointer flip: flipping back finds the version still loaded and serves it with no load step.
+    A version wanted again leaves the list; an idle addon keeps nothing warm (it is unloaded as a whole)."""
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = {k: v for k, v in retired.items() if k not in wanted}
+    for old in served:
+        if old not in wanted and old not in out:
+            out[old] = stamp
+    if idle:
+        return {}
+    return {k: v for k, v in out.items() if now - datetime.fromisoformat(v.replace("Z", "+00:00")) < grace}
+
+
 def weights_text(addon: str, spec: LoraAddonSpec, versions: dict[str, ModelVersionSpec | None]) -> str:
     parts = []
     for t in spec.targets:
@@ -107,7 +131,6 @@ def weights_text(addon: str, spec: LoraAddonSpec, versions: dict[str, ModelVersi
 
 
 # -- the serverless pool: one shared, operator-managed Deployment per base model and namespace ---------------
-POOL_LABEL = "serving.loraserve.dev/serverless-pool"
 POOL_CAPACITY = 100
 
 
@@ -143,7 +166,57 @@ def pool_spec(base_model: str, overrides: dict[str, object]) -> dict[str, object
     }
 
 
-def pool_seat(addon: str, members: list[tuple[str, str]]) -> int:
-    """This addon's place among the pool's addons ordered by (creationTimestamp, name): first come, first served."""
-    ordered = sorted(members)
-    return next(i for i, (_, name) in enumerate(ordered) if name == addon)
+def serverless_base(item: Mapping[str, Any], mv_bases: Mapping[str, str]) -> str | None:
+    """The base model of a serverless LoraAddon object (all its versions share it), None when unknown."""
+    targets = (item.get("spec") or {}).get("targets") or []
+    bases = {mv_bases.get(str(t.get("modelVersion"))) for t in targets if isinstance(t, Mapping)}
+    return bases.pop() if len(bases) == 1 else None
+
+
+def pool_members(
+    pool: str, base_model: str, items: list[Mapping[str, Any]], mv_bases: Mapping[str, str]
+) -> list[tuple[bool, str, str]]:
+    """(seated, creationTimestamp, name) of every live serverless addon that belongs to this pool: seated in
+    it (status.deployment), or not seated yet and of the same base model. Addons with a Deployment of their
+    own, addons being deleted and addons of other base models take no seat."""
+    members = []
+    for item in items:
+        meta = item.get("metadata") or {}
+        if (item.get("spec") or {}).get("deployment") or meta.get("deletionTimestamp"):
+            continue
+        seated_in = (item.get("status") or {}).get("deployment")
+        if seated_in:
+            if seated_in != pool:
+                continue
+        elif serverless_base(item, mv_bases) != base_model:
+            continue
+        members.append((bool(seated_in), str(meta.get("creationTimestamp") or ""), str(meta.get("name"))))
+    return members
+
+
+def pool_seat(addon: str, members: list[tuple[bool, str, str]]) -> int:
+    """This addon's seat: addons already seated keep theirs (a newcomer never evicts a loaded addon), then the
+    others by (creationTimestamp, name): first come, first served."""
+    ordered = sorted(members, key=lambda m: (not m[0], m[1], m[2]))
+    return next(i for i, (_, _, name) in enumerate(ordered) if name == addon)
+
+
+@dataclass(frozen=True)
+class PoolVerdict:
+    delete: bool
+    reason: str
+
+
+def pool_gc(
+    members: int, in_flight: float, held: float, last_request: float | None, created: float, now: float, grace: float
+) -> PoolVerdict:
+    """Whether a serverless pool can go: no addon left in it and no traffic (nothing in flight or held, no
+    request and no creation within `grace` seconds, so a pool created for an addon not seated yet stays)."""
+    if members:
+        return PoolVerdict(False, f"{members} addons seated")
+    if in_flight > 0 or held > 0:
+        return PoolVerdict(False, "requests in flight")
+    recent = max(t for t in (last_request, created) if t is not None)
+    if now - recent < grace:
+        return PoolVerdict(False, f"used {now - recent:.0f}s ago (grace {grace:.0f}s)")
+    return PoolVerdict(True, f"no addon left and no request for {now - recent:.0f}s")

@@ -4,6 +4,7 @@ with fake GPU nodes, started once per test session."""
 from __future__ import annotations
 
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -68,6 +69,18 @@ class Operator:
                 f"http://127.0.0.1:{ROUTER_PORT}/metrics,http://127.0.0.1:{LOAD_PORT}/metrics"
             ),
             "LORASERVE_AUTOSCALE_TICK": "1",
+            # Serverless pools run on the run pool's node (when a test starts it) as small CPU vLLM servers,
+            # and an unused pool goes after 20 s instead of 10 min.
+            "LORASERVE_SERVERLESS_POOL_SPEC": json.dumps(
+                {
+                    "region": RUN_REGION,
+                    "tolerations": [RUN_TOLERATION],
+                    "maxLoras": 4,
+                    "maxLoraRank": 16,
+                    "extraArgs": ["--max-model-len=256", "--dtype=float32"],
+                }
+            ),
+            "LORASERVE_SERVERLESS_POOL_GC_AFTER": "20s",
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraserve.cli.main", "operator", "--standalone", "--verbose"],

@@ -38,6 +38,7 @@ class FakeBackend:
     stall_after: int | None = None  # streams send this many events, then nothing (until the client goes)
     die_after: int | None = None  # streams send this many events, then the connection is reset
     seen: list[Seen] = field(default_factory=list)
+    failing: set[str] = field(default_factory=set)  # models answered 500 (a fault injected at the replica)
     disconnects: int = 0
     completed_streams: int = 0
     url: str = ""
@@ -89,6 +90,10 @@ class FakeBackend:
             await asyncio.sleep(3600)  # cancelled at once: the connection is gone
         if self.hold is not None:
             await self.hold.wait()
+        if model in self.failing:
+            return web.json_response(
+                {"error": {"message": "injected fault", "type": "InternalServerError"}}, status=500
+            )
         if model != self.base_model and model not in self.adapters:
             return web.json_response(
                 {

@@ -90,7 +90,7 @@ async def test_streaming_chunk_by_chunk(setup: Setup) -> None:
     metrics = setup.router.gateway.metrics.render().decode()
     labels = 'addon="",deployment="llama-multi",namespace="default"'
     assert f"loraserve_router_output_tokens_total{{{labels}}} {float(len(STREAM_TEXT))}" in metrics
-    assert f"loraserve_router_time_to_first_token_seconds_count{{{labels}}} 2.0" in metrics
+    assert f'loraserve_router_time_to_first_token_seconds_count{{{labels},version=""}} 2.0' in metrics
 
 
 async def test_addon_by_hash_name_and_ab_split(setup: Setup) -> None:

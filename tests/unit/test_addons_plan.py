@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from loraserve.addons import (
     Artifact,
     Replica,
     check,
+    keep_warm,
     owned_by,
     plan,
     pool_base,
+    pool_gc,
+    pool_members,
     pool_name,
     pool_seat,
     pool_spec,
@@ -91,6 +96,68 @@ def test_pool_base_and_spec() -> None:
 
 
 def test_pool_seats_first_come_first_served() -> None:
-    members = [(f"2026-11-24T00:00:{i:02d}Z", f"a{i}") for i in range(5)]
+    members = [(False, f"2026-11-24T00:00:{i:02d}Z", f"a{i}") for i in range(5)]
     assert pool_seat("a0", members) == 0
     assert pool_seat("a4", list(reversed(members))) == 4
+    # an older addon that turns serverless later does not evict one already seated (and loaded)
+    members = [(True, "2026-11-24T00:00:09Z", "seated"), (False, "2020-01-01T00:00:00Z", "old")]
+    assert (pool_seat("seated", members), pool_seat("old", members)) == (0, 1)
+
+
+def serverless(name: str, mv: str, seated: str | None = None, **meta: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "creationTimestamp": "2026-11-24T00:00:00Z", **meta},
+        "spec": {"targets": [{"modelVersion": mv, "weight": 100}]},
+        "status": {"deployment": seated} if seated else {},
+    }
+
+
+def test_pool_members_count_only_this_pools_live_serverless_addons() -> None:
+    pool = pool_name(BASE)
+    bases = {"bot-v1": BASE, "other-v1": "hf://org/other"}
+    items = [
+        serverless("seated", "bot-v1", pool),
+        serverless("waiting", "bot-v1"),  # not seated yet, same base: it will sit here
+        serverless("elsewhere", "other-v1"),  # another base model's pool
+        serverless("other-pool", "bot-v1", "serverless-x"),
+        serverless("leaving", "bot-v1", pool, deletionTimestamp="2026-11-24T01:00:00Z"),
+        serverless("unknown-version", "gone-v1"),
+        {"metadata": {"name": "own"}, "spec": {"deployment": "d", "targets": [{"modelVersion": "bot-v1"}]}},
+    ]
+    members = pool_members(pool, BASE, items, bases)
+    assert sorted(name for _, _, name in members) == ["seated", "waiting"]
+
+
+def test_pool_garbage_collection_never_while_used() -> None:
+    now, grace = 10_000.0, 600.0
+    assert not pool_gc(1, 0, 0, None, 0.0, now, grace).delete  # an addon is seated
+    assert not pool_gc(0, 1, 0, None, 0.0, now, grace).delete  # a request in flight
+    assert not pool_gc(0, 0, 1, None, 0.0, now, grace).delete  # a request held (waking it)
+    assert not pool_gc(0, 0, 0, now - 60, 0.0, now, grace).delete  # a recent request
+    assert not pool_gc(0, 0, 0, None, now - 60, now, grace).delete  # just created, its addon not seated yet
+    verdict = pool_gc(0, 0, 0, now - 700, 0.0, now, grace)
+    assert verdict.delete
+    assert "no addon left" in verdict.reason
+
+
+def test_a_version_leaving_the_targets_stays_loaded_for_the_grace_then_goes() -> None:
+    grace = timedelta(minutes=10)
+    t0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+    replica = Replica("p0", "10.0.0.1", frozenset({"bot-v1", "bot-v2"}))
+    v1 = Artifact("bot-v1", "s3://a/v1", None)
+    v2 = Artifact("bot-v2", "s3://a/v2", None)
+    # rollback by hand: targets v2 -> v1; v2 is kept warm, nothing is unloaded or loaded
+    warm = keep_warm({}, ["bot-v2"], {"bot-v1"}, t0, grace, idle=False)
+    assert warm == {"bot-v2": "2026-11-26T09:00:00Z"}
+    (step,) = plan("bot", [v1], set(warm), [replica])
+    assert (step.load, step.unload) == ([], [])
+    # flip back within the grace: v2 is already loaded, so it serves at once (no load step)
+    (step,) = plan("bot", [v2], set(keep_warm(warm, ["bot-v1"], {"bot-v2"}, t0, grace, idle=False)), [replica])
+    assert step.load == []
+    assert step.unload == []
+    # after the grace the retired version is unloaded
+    later = keep_warm(warm, ["bot-v1"], {"bot-v1"}, t0 + grace, grace, idle=False)
+    assert later == {}
+    (step,) = plan("bot", [v1], set(later), [replica])
+    assert step.unload == ["bot-v2"]
+    assert keep_warm(warm, ["bot-v1"], set(), t0, grace, idle=True) == {}  # idle: everything goes

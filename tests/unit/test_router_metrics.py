@@ -17,7 +17,10 @@ def scrape(m: RouterMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 def test_series_render() -> None:
     m = RouterMetrics()
-    s = m.series("ns", "d", "bot")
+    s = m.series("ns", "d", "bot", "v1")
+    other = m.series("ns", "d", "bot", "v2")  # another version of the same addon
+    other.in_flight += 1
+    other.finished(500)
     s.in_flight += 2
     s.finished(200)
     s.finished(200)
@@ -32,9 +35,14 @@ def test_series_render() -> None:
     m.wake("ns", "d")
     samples = scrape(m)
     labels = (("addon", "bot"), ("deployment", "d"), ("namespace", "ns"))
-    assert samples[("loraserve_router_requests_in_flight", labels)] == 2
-    assert samples[("loraserve_router_requests_total", (*labels[:1], ("code", "200"), *labels[1:]))] == 2
-    assert samples[("loraserve_router_requests_total", (*labels[:1], ("code", "503"), *labels[1:]))] == 1
+    # Load gauges are per addon (versions summed); requests and latencies are per version.
+    assert samples[("loraserve_router_requests_in_flight", labels)] == 3
+    v1 = (*labels, ("version", "v1"))
+    v2 = (*labels, ("version", "v2"))
+    assert samples[("loraserve_router_requests_total", (*labels[:1], ("code", "200"), *v1[1:]))] == 2
+    assert samples[("loraserve_router_requests_total", (*labels[:1], ("code", "503"), *v1[1:]))] == 1
+    assert samples[("loraserve_router_requests_total", (*labels[:1], ("code", "500"), *v2[1:]))] == 1
+    assert ("loraserve_router_requests_total", (*labels[:1], ("code", "200"), *v2[1:])) not in samples
     assert samples[("loraserve_router_rejected_requests_total", (("code", "401"),))] == 1
     assert samples[("loraserve_router_wakeups_total", (("deployment", "d"), ("namespace", "ns")))] == 1
     assert samples[("loraserve_router_output_tokens_total", labels)] == 16
@@ -42,15 +50,15 @@ def test_series_render() -> None:
     assert samples[("loraserve_router_last_request_timestamp_seconds", labels)] > 0
 
     def bucket(le: str) -> float:
-        key = ("loraserve_router_time_to_first_token_seconds_bucket", tuple(sorted((*labels, ("le", le)))))
+        key = ("loraserve_router_time_to_first_token_seconds_bucket", tuple(sorted((*v1, ("le", le)))))
         return samples[key]
 
     assert bucket("0.005") == 0
     assert bucket("0.01") == 1
     assert bucket("600.0") == 1
     assert bucket("+Inf") == 2
-    assert samples[("loraserve_router_time_to_first_token_seconds_count", labels)] == 2
-    assert samples[("loraserve_router_time_to_first_token_seconds_sum", labels)] == 700.007
+    assert samples[("loraserve_router_time_to_first_token_seconds_count", v1)] == 2
+    assert samples[("loraserve_router_time_to_first_token_seconds_sum", v1)] == 700.007
 
 
 def test_every_metric_is_exposed_once_a_series_exists() -> None:

@@ -144,3 +144,49 @@ def test_model_ids(store: TopologyStore) -> None:
     assert merged is not None
     assert model_ids(multi) == [("Llama-3.1-8B-Instruct#llama-multi", None), ("support-bot#llama-multi", "support-bot")]
     assert model_ids(merged) == [("support-bot-merged", None), ("support-bot-merged#support-bot-merged", None)]
+
+
+def pool_store() -> TopologyStore:
+    s = TopologyStore()
+    deployments = []
+    addons = []
+    for ns in ("team-a", "team-b"):
+        pool = deployment("serverless-tiny-abc123", ns=ns)
+        pool["metadata"]["labels"] = {"serving.loraserve.dev/serverless-pool": "true"}
+        deployments.append(pool)
+        haiku = addon("haiku" if ns == "team-a" else "shared", "", [("haiku-v1", 100)], ns=ns)
+        haiku["status"] = {"deployment": "serverless-tiny-abc123"}
+        twin = addon("twin", "", [("haiku-v1", 100)], ns=ns)
+        twin["status"] = {"deployment": "serverless-tiny-abc123"}
+        addons += [haiku, twin]
+    deployments.append(deployment("own", ns="team-a"))
+    addons.append(addon("dedicated", "own", [("haiku-v1", 100)], ns="team-a"))
+    versions = [model_version("haiku-v1", "v1", ns=ns) for ns in ("team-a", "team-b")]
+    s.replace(build_deployments(deployments, addons, versions, []))
+    return s
+
+
+def test_a_serverless_addon_is_called_by_its_own_name() -> None:
+    s = pool_store()
+    for model in ("haiku", "accounts/team-a/models/haiku"):
+        res = resolve(parse_model(model), s)
+        where = (res.deployment.namespace, res.deployment.name, res.addon)
+        assert where == ("team-a", "serverless-tiny-abc123", "haiku")
+        assert [v.served_name for v in res.versions] == ["haiku-v1"]
+        assert res.canonical == model
+    res = resolve(parse_model("accounts/team-b/models/twin"), s)
+    assert res.deployment.namespace == "team-b"
+
+
+def test_bare_names_that_are_not_serverless_addons_are_refused_clearly() -> None:
+    s = pool_store()
+    with pytest.raises(RouterError) as err:
+        resolve(parse_model("twin"), s)  # seated in two namespaces' pools
+    assert err.value.status == 400
+    assert "accounts/team-a/models/twin" in err.value.message
+    res = resolve(parse_model("twin"), s, namespace_allowed=lambda ns: ns == "team-b")
+    assert res.deployment.namespace == "team-b"
+    for model in ("dedicated", "accounts/team-a/models/dedicated", "accounts/team-b/models/haiku"):
+        with pytest.raises(RouterError) as err:
+            resolve(parse_model(model), s)  # an addon with a Deployment of its own needs `#<deployment>`
+        assert err.value.status == 404

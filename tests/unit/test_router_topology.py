@@ -127,3 +127,45 @@ def test_the_deployment_of_an_addon() -> None:
     assert addon_deployment({"spec": {"deployment": "d"}, "status": {"deployment": "d"}}) == "d"
     assert addon_deployment({"spec": {}, "status": {"deployment": "pool"}}) == "pool"
     assert addon_deployment({"spec": {"deployment": ""}}) is None
+
+
+def test_routes_by_the_automatic_rollback_only_for_the_generation_it_fired_on() -> None:
+    bot = addon("bot", "d", [("bot-v1", 90), ("bot-v2", 10)])
+    bot["metadata"]["generation"] = 3
+    bot["status"] = {
+        "effectiveTargets": [{"modelVersion": "bot-v1", "weight": 100}, {"modelVersion": "bot-v2", "weight": 0}],
+        "autoRollback": {"rolledBack": True, "generation": 3, "control": "bot-v1"},
+    }
+    mvs = [model_version("bot-v1", "v1"), model_version("bot-v2", "v2")]
+
+    def weights() -> list[tuple[str, int]]:
+        views = build_deployments([deployment("d")], [bot], mvs, [])
+        return [(v.version, v.weight) for v in views[("default", "d")].addons["bot"]]
+
+    assert weights() == [("v1", 100), ("v2", 0)]  # the spec still says 90/10: the operator never wrote it
+    bot["metadata"]["generation"] = 4  # the user's next edit is routed by at once
+    assert weights() == [("v1", 90), ("v2", 10)]
+    bot["metadata"]["generation"] = 3
+    bot["status"]["autoRollback"]["rolledBack"] = False
+    assert weights() == [("v1", 90), ("v2", 10)]
+
+
+def test_each_version_carries_its_system_prompt_and_the_addon_policy() -> None:
+    bot = addon("bot", "d", [("bot-v1", 50), ("bot-v2", 50)])
+    bot["spec"]["systemPromptPolicy"] = "replace"
+    v1, v2 = model_version("bot-v1", "v1"), model_version("bot-v2", "v2")
+    v1["spec"]["systemPrompt"] = "You are v1."
+    views = build_deployments([deployment("d")], [bot], [v1, v2], [])
+    versions = views[("default", "d")].addons["bot"]
+    assert [(v.version, v.system_prompt, v.prompt_policy) for v in versions] == [
+        ("v1", "You are v1.", "replace"),
+        ("v2", None, "replace"),
+    ]
+
+
+def test_pool_deployments_are_marked_by_their_label() -> None:
+    pool = deployment("serverless-x")
+    pool["metadata"]["labels"] = {"serving.loraserve.dev/serverless-pool": "true"}
+    views = build_deployments([pool, deployment("own")], [], [], [])
+    assert views[("default", "serverless-x")].pool
+    assert not views[("default", "own")].pool

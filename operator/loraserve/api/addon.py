@@ -36,14 +36,50 @@ class AddonTarget(ApiModel):
     weight: int = Field(description="Percent of this addon's traffic (all weights sum to 100).", ge=0, le=100)
 
 
-class AutoRollback(ApiModel):
-    """Flip traffic back to the previous targets when the new version misbehaves."""
+# Re-arms a fired automatic rollback: set it to a new value (any text, e.g. a timestamp) to route by the spec's
+# weights again without editing the spec. A new spec generation re-arms it as well.
+REARM_ANNOTATION = "serving.loraserve.dev/rearm-rollback"
 
-    max_error_rate: float = Field(
-        description="Error fraction (0-1) over the window that triggers rollback.", ge=0, le=1
+
+class SystemPromptPolicy(StrEnum):
+    PREPEND = "prepend"
+    REPLACE = "replace"
+    KEEP_USER = "keepUser"
+
+
+class AutoRollback(ApiModel):
+    """Move all traffic to the control version when another version misbehaves (status only, never the spec)."""
+
+    control: str | None = Field(
+        None,
+        description="The ModelVersion (one of the targets) that is control: traffic goes back to it on rollback, "
+        "and the others are compared with it. Empty: the target with the largest weight (the first one listed "
+        "on a tie). status.autoRollback.control names the one in use.",
+        pattern=DNS1123_PATTERN,
+        max_length=253,
     )
-    window: str = duration_field("5m", "Go duration the error rate is measured over.")
-    min_requests: int = Field(20, description="Requests needed in the window before the rule can fire.", ge=1)
+    max_error_rate: float = Field(
+        description="Error fraction (0-1; HTTP 5xx answers, the router's own included) of a non-control version "
+        "over the window that triggers rollback, when it is also above control's error rate.",
+        ge=0,
+        le=1,
+    )
+    max_ttft_p95_ratio: float | None = Field(
+        None,
+        description="Optional: roll back when a non-control version's p95 time to first token over the window is "
+        "more than this many times control's (control needs minRequests too).",
+        ge=1,
+        le=1000,
+    )
+    max_latency_p95_ratio: float | None = Field(
+        None,
+        description="Optional: roll back when a non-control version's p95 request latency over the window is "
+        "more than this many times control's (control needs minRequests too).",
+        ge=1,
+        le=1000,
+    )
+    window: str = duration_field("5m", "Go duration the error rate and latencies are measured over.")
+    min_requests: int = Field(20, description="Requests a version needs in the window before the rule judges it.", ge=1)
 
     @field_validator("window")
     @classmethod
@@ -56,6 +92,12 @@ class LoraAddonSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("self.targets.map(t, t.weight).sum() == 100", "targets weights must sum to 100", ".targets"),
+                cel(
+                    "!has(self.autoRollback) || !has(self.autoRollback.control) || "
+                    "self.targets.exists(t, t.modelVersion == self.autoRollback.control)",
+                    "must be one of the targets' modelVersion",
+                    ".autoRollback.control",
+                ),
             ]
         }
     )
@@ -68,12 +110,24 @@ class LoraAddonSpec(ApiModel):
         max_length=40,
     )
     targets: list[AddonTarget] = Field(
-        description="ModelVersions and their traffic weights. Rollback is a flip of these weights.",
+        description="ModelVersions and their traffic weights: 1 to 10, each version once, weights summing to 100. "
+        "Rollback is a flip of these weights.",
         min_length=1,
         max_length=MAX_TARGETS,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["modelVersion"]},
     )
-    auto_rollback: AutoRollback | None = Field(None, description="Optional automatic rollback rule.")
+    auto_rollback: AutoRollback | None = Field(
+        None,
+        description="Optional automatic rollback rule. When it fires the operator routes all traffic to control "
+        "through status.effectiveTargets (the spec is never written); a new spec generation or a new value of "
+        f"the annotation {REARM_ANNOTATION} re-arms it.",
+    )
+    system_prompt_policy: SystemPromptPolicy = Field(
+        SystemPromptPolicy.PREPEND,
+        description="Chat requests routed to a version with a systemPrompt: prepend (the version's system message "
+        "first, the client's messages after it), replace (the client's system messages are dropped) or keepUser "
+        "(the version's prompt only when the client sent no system message).",
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> LoraAddonSpec:
@@ -82,7 +136,31 @@ class LoraAddonSpec(ApiModel):
         names = [t.model_version for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError("targets: each modelVersion may appear once")
+        if self.auto_rollback and self.auto_rollback.control and self.auto_rollback.control not in names:
+            raise ValueError("autoRollback.control: must be one of the targets' modelVersion")
         return self
+
+    def control(self) -> str:
+        """The control ModelVersion: autoRollback.control, else the largest weight (first listed on a tie)."""
+        if self.auto_rollback and self.auto_rollback.control:
+            return self.auto_rollback.control
+        return max(self.targets, key=lambda t: t.weight).model_version  # max keeps the first on a tie
+
+
+class RollbackStatus(ApiModel):
+    control: str | None = Field(None, description="The control ModelVersion the rule compares with.")
+    rolled_back: bool = Field(False, description="Whether the rule fired for this generation of the spec.")
+    generation: int | None = Field(None, description="The spec generation the rollback applies to.")
+    rearm: str | None = Field(None, description="The re-arm annotation's value when it fired.")
+    model_version: str | None = Field(None, description="The version rolled back.")
+    metric: str | None = Field(None, description="errorRate, ttftP95 or latencyP95.")
+    value: float | None = Field(None, description="The version's value over the window.")
+    control_value: float | None = Field(None, description="Control's value over the window.")
+    threshold: float | None = Field(None, description="The limit it crossed.")
+    requests: int | None = Field(None, description="The version's requests in the window.")
+    at: datetime | None = Field(None, description="When it fired.")
+    reason: str | None = Field(None, description="ErrorRateExceeded, TtftP95Exceeded or LatencyP95Exceeded.")
+    message: str | None = Field(None, description="What fired, in words.")
 
 
 class LoraAddonStatus(ApiModel):
@@ -104,6 +182,11 @@ class LoraAddonStatus(ApiModel):
     retired: dict[str, str] = Field(
         default_factory=dict, description="Versions taken out of the targets, kept loaded (warm) until a grace ends."
     )
+    effective_targets: list[AddonTarget] = Field(
+        default_factory=list,
+        description="The weights the router routes by: the spec's, or all to control after an automatic rollback.",
+    )
+    auto_rollback: RollbackStatus | None = Field(None, description="The automatic rollback rule's state.")
 
 
 class LoraAddon(ApiModel):

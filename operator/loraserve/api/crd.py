@@ -71,6 +71,7 @@ KINDS: list[Kind] = [
             {"name": "Deployment", "type": "string", "jsonPath": ".status.deployment"},
             {"name": "Versions", "type": "string", "jsonPath": ".status.versions"},
             {"name": "State", "type": "string", "jsonPath": ".status.state"},
+            {"name": "RolledBack", "type": "string", "jsonPath": ".status.autoRollback.modelVersion"},
             {"name": "Loaded", "type": "integer", "jsonPath": ".status.loadedReplicas", "priority": 1},
             _age(),
         ],

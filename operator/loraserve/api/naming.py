@@ -15,6 +15,7 @@ MANAGED_BY = "loraserve"
 MODEL_SERVER_PORT = 8000
 MODEL_SERVER_PORT_NAME = "http"
 KEEP_ANNOTATION = "serving.loraserve.dev/keep"
+POOL_LABEL = "serving.loraserve.dev/serverless-pool"  # on the operator's serverless pool Deployments
 
 
 def addon_deployment(addon: Mapping[str, Any]) -> str | None:

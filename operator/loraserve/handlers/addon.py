@@ -14,15 +14,21 @@ import kopf
 from kubernetes.client import ApiException
 from pydantic import ValidationError
 
-from loraserve import addons
-from loraserve.api.addon import LoraAddonSpec
+from loraserve import addons, rollback
+from loraserve.api.addon import REARM_ANNOTATION, LoraAddonSpec
 from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
-from loraserve.api.naming import MODEL_SERVER_PORT, addon_deployment, selector_labels
+from loraserve.api.naming import MODEL_SERVER_PORT, POOL_LABEL, addon_deployment, selector_labels
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube, model_server_tokens
-from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_addon_signals
+from loraserve.handlers.load import (
+    AutoscalerSettings,
+    ready_replicas,
+    router_addon_signals,
+    router_signals,
+    router_version_counters,
+)
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
 from loraserve.resources.settings import ManifestSettings
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
@@ -151,6 +157,14 @@ def _read_versions(namespace: str, spec: LoraAddonSpec) -> dict[str, ModelVersio
     return versions
 
 
+def _version_bases(namespace: str) -> dict[str, str]:
+    """ModelVersion name -> its base model URI, for the whole namespace (one list)."""
+    listed = kube().custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "modelversions")["items"]
+    return {
+        item["metadata"]["name"]: str(((item.get("spec") or {}).get("baseModel") or {}).get("name")) for item in listed
+    }
+
+
 def _serverless_pool(
     name: str, namespace: str, spec: LoraAddonSpec, versions: dict[str, ModelVersionSpec | None]
 ) -> str | addons.Refusal:
@@ -160,14 +174,8 @@ def _serverless_pool(
         return base_model
     pool = addons.pool_name(base_model)
     listed = kube().custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "loraaddons")["items"]
-    members = []
-    for item in listed:
-        if item.get("spec", {}).get("deployment") or item["metadata"].get("deletionTimestamp"):
-            continue
-        if (item.get("status") or {}).get("deployment") not in (None, pool) and item["metadata"]["name"] != name:
-            continue  # seated in another base model's pool
-        members.append((item["metadata"]["creationTimestamp"], item["metadata"]["name"]))
-    if name in {n for _, n in members} and addons.pool_seat(name, members) >= addons.POOL_CAPACITY:
+    members = addons.pool_members(pool, base_model, listed, _version_bases(namespace))
+    if name in {n for _, _, n in members} and addons.pool_seat(name, members) >= addons.POOL_CAPACITY:
         return addons.Refusal(
             "ServerlessPoolFull",
             f"the serverless pool {pool} already serves {addons.POOL_CAPACITY} addons; give this addon its own "
@@ -178,7 +186,7 @@ def _serverless_pool(
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Deployment",
-            "metadata": {"name": pool, "labels": {addons.POOL_LABEL: "true"}},
+            "metadata": {"name": pool, "labels": {POOL_LABEL: "true"}},
             "spec": addons.pool_spec(base_model, overrides),
         }
         try:
@@ -205,7 +213,36 @@ def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, A
         patch.status[key] = value
 
 
-async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
+def _rollback(
+    body: kopf.Body,
+    spec: LoraAddonSpec,
+    generation: int,
+    previous: dict[str, Any],
+    versions: dict[str, ModelVersionSpec],
+    counters: dict[rollback.SeriesKey, rollback.Counters],
+    key: tuple[str, str, str],
+    memo: Any,
+    now: datetime,
+) -> rollback.Decision:
+    """Feed this round's router counters into the addon's window (kept in its Kopf memo), decide, and send
+    the Event when the rule fires or is re-armed."""
+    window = parse_window(spec.auto_rollback.window) if spec.auto_rollback else 0.0
+    mine = {k[3]: c for k, c in counters.items() if k[:3] == key}
+    history: rollback.History = memo.setdefault("rollback", rollback.History())
+    history.add(now.timestamp(), mine, window)
+    labels = {name: v.version for name, v in versions.items()}
+    rearm = (body.metadata.annotations or {}).get(REARM_ANNOTATION)
+    decision = rollback.decide(spec, generation, rearm, previous.get("autoRollback"), labels, history.delta(), now)
+    if decision.rearmed:
+        memo["rollback"] = fresh = rollback.History()  # errors before the re-arm do not count again
+        fresh.add(now.timestamp(), mine, window)
+        kopf.info(body, reason="RollbackRearmed", message=f"routing by the spec's weights again ({decision.status})")
+    if decision.fired is not None and decision.status is not None:
+        kopf.warn(body, reason="RolledBack", message=f"{decision.status['message']} at {decision.status['at']}")
+    return decision
+
+
+async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: Any) -> None:
     name, namespace, uid = str(body.metadata.name), str(body.metadata.namespace), str(body.metadata.uid)
     generation = int(body.metadata.get("generation") or 0)
     previous = dict(body.status or {})
@@ -244,8 +281,18 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     # Idle addons are unloaded (freeing their GPU slot) and load again when a request comes: the router holds
     # a request for an adapter no replica has, and reports it in flight, which wakes it here.
     async with aiohttp.ClientSession() as session:
-        demand = (await router_addon_signals(session, AutoscalerSettings.from_env())).get(
-            (namespace, deployment_name, name)
+        settings = AutoscalerSettings.from_env()
+        demand = (await router_addon_signals(session, settings)).get((namespace, deployment_name, name))
+        counters = await router_version_counters(session, settings)
+    decision = _rollback(
+        body, spec, generation, previous, present, counters, (namespace, deployment_name, name), memo, now
+    )
+    base.update(effectiveTargets=decision.effective, autoRollback=decision.status)
+    if decision.status and decision.status.get("rolledBack"):
+        # `kubectl get lora` shows the weights traffic really follows
+        labels = {t["modelVersion"]: v.version for t in decision.effective if (v := present.get(t["modelVersion"]))}
+        base["versions"] = ",".join(
+            f"{labels.get(t['modelVersion'], t['modelVersion'])}:{t['weight']}" for t in decision.effective
         )
     last_request = max(
         t
@@ -272,13 +319,9 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     wanted_names = {a.served_name for a in wanted}
 
     # Versions dropped from the targets stay loaded (warm) for a grace period: rollback is a pointer flip.
-    retired = {k: v for k, v in (previous.get("retired") or {}).items() if k not in wanted_names}
-    for old in previous.get("servedNames") or []:
-        if old not in wanted_names and old not in retired:
-            retired[old] = stamp
-    retired = {k: v for k, v in retired.items() if now - datetime.fromisoformat(v.replace("Z", "+00:00")) < WARM_GRACE}
-    if idle:
-        retired = {}  # idle means unloaded now: no warm grace
+    retired = addons.keep_warm(
+        previous.get("retired") or {}, list(previous.get("servedNames") or []), wanted_names, now, WARM_GRACE, idle
+    )
 
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = ManifestSettings.from_env().fetcher_port
@@ -316,6 +359,18 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         status = _verdict(base, "READY", "AdaptersLoaded", message, (True, False, False), generation, stamp)
     assert deployment is not None
     status["conditions"].append(await _capacity(namespace, deployment_name, deployment, generation, stamp))
+    if decision.condition is not None:
+        fired, reason, text = decision.condition
+        status["conditions"].append(
+            {
+                "type": "RolledBack",
+                "status": str(fired),
+                "reason": reason,
+                "message": text,
+                "observedGeneration": generation,
+                "lastTransitionTime": stamp,
+            }
+        )
     _set_status(patch, previous, status, body)
 
 
@@ -346,14 +401,15 @@ async def _capacity(
 @kopf.on.resume(GROUP, VERSION, "loraaddons")
 @kopf.on.create(GROUP, VERSION, "loraaddons")
 @kopf.on.update(GROUP, VERSION, "loraaddons", field="spec")
-async def loraaddon_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    await reconcile_addon(body, patch, logger)
+async def loraaddon_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile_addon(body, patch, logger, memo)
 
 
 @kopf.timer(GROUP, VERSION, "loraaddons", interval=RESYNC_SECONDS, sharp=True)
-async def loraaddon_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    # Replicas come and go (scale-out, restarts that forget adapters): every round re-checks each one.
-    await reconcile_addon(body, patch, logger)
+async def loraaddon_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
+    # Replicas come and go (scale-out, restarts that forget adapters): every round re-checks each one; the
+    # automatic rollback's window gets a sample of the router's counters.
+    await reconcile_addon(body, patch, logger, memo)
 
 
 @kopf.on.delete(GROUP, VERSION, "loraaddons")
@@ -373,3 +429,47 @@ async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> N
                     session, replica, sorted(n for n in replica.loaded if addons.owned_by(name, n)), fetcher_port
                 )
     logger.info(f"unloaded addon {name} from {deployment_name}")
+
+
+# -- the serverless pools' garbage collection -------------------------------------------------------------
+POOL_GC_SECONDS = 10.0
+
+
+@kopf.timer(GROUP, VERSION, "deployments", interval=POOL_GC_SECONDS, labels={POOL_LABEL: "true"})
+async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """A serverless pool with no addon left and no traffic is deleted (an Event first); never while any addon
+    is seated in it or any request is in flight, held or recent. The next serverless addon creates it again."""
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    base_model = str(body.spec.get("baseModel") or "")
+    if body.metadata.get("deletionTimestamp") or addons.pool_name(base_model) != name:
+        return  # not a pool the operator made (a user's copy of the label), or already going
+    listed = await asyncio.to_thread(
+        kube().custom.list_namespaced_custom_object, GROUP, VERSION, namespace, "loraaddons"
+    )
+    bases = await asyncio.to_thread(_version_bases, namespace)
+    members = addons.pool_members(name, base_model, listed["items"], bases)
+    async with aiohttp.ClientSession() as session:
+        signal = (await router_signals(session, AutoscalerSettings.from_env())).get((namespace, name))
+    last_request = _epoch(dict(body.status or {}).get("lastRequestTime"))
+    if signal is not None and signal.last_request is not None:
+        last_request = max(last_request or 0.0, signal.last_request)
+    verdict = addons.pool_gc(
+        len(members),
+        signal.in_flight if signal else 0.0,
+        signal.held if signal else 0.0,
+        last_request,
+        _epoch(body.metadata.get("creationTimestamp")) or time.time(),
+        time.time(),
+        parse_window(os.environ.get("LORASERVE_SERVERLESS_POOL_GC_AFTER", "10m")),
+    )
+    if not verdict.delete:
+        return
+    kopf.info(body, reason="ServerlessPoolDeleted", message=f"serverless pool {name} deleted: {verdict.reason}")
+    try:
+        await asyncio.to_thread(
+            kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    logger.info(f"deleted serverless pool {name}: {verdict.reason}")

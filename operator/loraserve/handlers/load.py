@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from loraserve import rollback
 from loraserve.autoscale.signals import RouterSignal, parse_router_addon_metrics, parse_router_metrics
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube
@@ -51,6 +52,7 @@ class _RouterCache:
     at: float = 0.0
     texts: list[str] = field(default_factory=list)
     signals: dict[tuple[str, str], RouterSignal] = field(default_factory=dict)
+    versions: dict[rollback.SeriesKey, rollback.Counters] | None = None  # parsed on first ask per scrape
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -86,6 +88,17 @@ async def router_addon_signals(
     return parse_router_addon_metrics(_cache.texts)
 
 
+async def router_version_counters(
+    session: aiohttp.ClientSession, settings: AutoscalerSettings
+) -> dict[rollback.SeriesKey, rollback.Counters]:
+    """Per (namespace, deployment, addon, version): the routers' cumulative request, error and latency
+    counters (the automatic rollback's input), parsed once per scrape for every addon."""
+    await _scrape(session, settings)
+    if _cache.versions is None:
+        _cache.versions = rollback.parse_counters(_cache.texts)
+    return _cache.versions
+
+
 async def _scrape(session: aiohttp.ClientSession, settings: AutoscalerSettings) -> None:
     async with _cache.lock:
         if time.monotonic() - _cache.at < settings.tick / 2:
@@ -100,4 +113,5 @@ async def _scrape(session: aiohttp.ClientSession, settings: AutoscalerSettings) 
                 pass  # a router replica that does not answer contributes nothing this tick
         _cache.texts = texts
         _cache.signals = parse_router_metrics(texts)
+        _cache.versions = None
         _cache.at = time.monotonic()

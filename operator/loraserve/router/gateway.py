@@ -53,6 +53,7 @@ from loraserve.router.httpserver import Connection, Request, encode_headers
 from loraserve.router.jsonbody import DEFAULT_MAX_DEPTH, parse_json
 from loraserve.router.metrics import RouterMetrics, Series
 from loraserve.router.model_names import model_ids, parse_model, resolve
+from loraserve.router.prompts import apply_system_prompt
 from loraserve.router.topology import DeploymentState, Replica, TopologyStore
 from loraserve.router.upstream import ConnectError, RawHeaders, UpstreamConnection, UpstreamError, UpstreamPool
 from loraserve.tokens import ModelServerTokens
@@ -356,6 +357,7 @@ class Gateway:
             raise forbidden(f"This API key may not use deployment {state.namespace}/{state.name}")
         user = body.get("user")
         adapter: str | None = None
+        label: str | None = None  # the version label of the metrics (automatic rollback compares by it)
         if res.addon is not None:
             version = pick_version(res.addon, res.versions, user if isinstance(user, str) else None)
             if version is None:
@@ -364,8 +366,10 @@ class Gateway:
                     "ModelVersion yet",
                     code="addon_not_ready",
                 )
-            adapter = version.served_name
+            adapter, label = version.served_name, version.version
             body["model"] = adapter
+            if request.path == b"/v1/chat/completions":
+                apply_system_prompt(body, version.system_prompt, version.prompt_policy)
         else:
             body["model"] = state.view.base_model
         try:
@@ -380,7 +384,7 @@ class Gateway:
             limit = self.keys.acquire(key)  # counted per key name: see auth
             if limit is not None:
                 raise too_many(limit)
-        series = self.metrics.series(state.namespace, state.name, res.addon)
+        series = self.metrics.series(state.namespace, state.name, res.addon, label)
         series.in_flight += 1
         series.accepted()
         code = 500

@@ -1,6 +1,8 @@
 """The router's Prometheus metrics: the autoscaler's inputs (in-flight, held at zero, last request time).
 
-Labels are `namespace`, `deployment`, `addon` ("" for the base model or a live-merge deployment): only
+Labels are `namespace`, `deployment`, `addon` ("" for the base model or a live-merge deployment), and on
+the request counter and the TTFT / latency histograms also `version` (the adapter version that answered, e.g.
+`v2`; "" for the base): the automatic rollback compares versions by them. Only
 resolved, known deployments ever become label values, so a client cannot grow the series by sending
 made-up names; requests refused before a deployment is known are counted in `rejected_requests_total` by
 status code alone.
@@ -22,6 +24,7 @@ from prometheus_client.registry import Collector
 
 PREFIX = "loraserve_router_"
 LABELS = ["namespace", "deployment", "addon"]
+VERSION_LABELS = [*LABELS, "version"]
 
 # Seconds. TTFT for LLMs: tens of ms to tens of s; end-to-end up to minutes (and holds up to 10 min).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -66,7 +69,7 @@ class Histogram:
 
 
 class Series:
-    """The numbers of one (namespace, deployment, addon)."""
+    """The numbers of one (namespace, deployment, addon, version)."""
 
     __slots__ = (
         "codes",
@@ -82,7 +85,7 @@ class Series:
         "ttft",
     )
 
-    def __init__(self, labels: tuple[str, str, str]) -> None:
+    def __init__(self, labels: tuple[str, str, str, str]) -> None:
         self.labels = labels
         self.in_flight = 0
         self.held = 0
@@ -105,13 +108,13 @@ class Series:
 class RouterMetrics(Collector):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
-        self._series: dict[tuple[str, str, str], Series] = {}
+        self._series: dict[tuple[str, str, str, str], Series] = {}
         self.rejected: dict[int, int] = {}
         self.wakeups: dict[tuple[str, str], int] = {}
         self.registry.register(self)
 
-    def series(self, namespace: str, deployment: str, addon: str | None) -> Series:
-        labels = (namespace, deployment, addon or "")
+    def series(self, namespace: str, deployment: str, addon: str | None, version: str | None = None) -> Series:
+        labels = (namespace, deployment, addon or "", version or "")
         s = self._series.get(labels)
         if s is None:
             s = self._series[labels] = Series(labels)
@@ -129,21 +132,26 @@ class RouterMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         series = [self._series[k] for k in sorted(self._series)]
+        # Load signals stay per addon (the autoscaler's and dashboards' unit): versions are summed into them.
+        by_addon: dict[tuple[str, ...], list[Series]] = {}
+        for s in series:
+            by_addon.setdefault(s.labels[:3], []).append(s)
 
         def gauge(name: str, doc: str, attr: str) -> GaugeMetricFamily:
             fam = GaugeMetricFamily(PREFIX + name, doc, labels=LABELS)
-            for s in series:
-                fam.add_metric(list(s.labels), getattr(s, attr))
+            for labels, group in by_addon.items():
+                values = [getattr(s, attr) for s in group]
+                fam.add_metric(list(labels), max(values) if attr == "last_request" else sum(values))
             return fam
 
         def counter(name: str, doc: str, attr: str) -> CounterMetricFamily:
             fam = CounterMetricFamily(PREFIX + name, doc, labels=LABELS)
-            for s in series:
-                fam.add_metric(list(s.labels), getattr(s, attr))
+            for labels, group in by_addon.items():
+                fam.add_metric(list(labels), sum(getattr(s, attr) for s in group))
             return fam
 
         def histogram(name: str, doc: str, attr: str) -> HistogramMetricFamily:
-            fam = HistogramMetricFamily(PREFIX + name, doc, labels=LABELS)
+            fam = HistogramMetricFamily(PREFIX + name, doc, labels=VERSION_LABELS)
             for s in series:
                 h: Histogram = getattr(s, attr)
                 fam.add_metric(list(s.labels), h.cumulative(), h.sum)
@@ -153,7 +161,7 @@ class RouterMetrics(Collector):
         requests = CounterMetricFamily(
             PREFIX + "requests",
             "Requests finished, by HTTP status code (the replica's, the router's own, 499 client gone).",
-            labels=[*LABELS, "code"],
+            labels=[*VERSION_LABELS, "code"],
         )
         for s in series:
             for code in sorted(s.codes):

@@ -6,6 +6,8 @@ Accepted forms of the body's `model`:
   one exact adapter version (`<addon>-<version>`, pinned, bypassing the A/B split);
 - `accounts/<ns>/models/<model>#accounts/<ns>/deployments/<deployment>` (either side may be qualified);
 - `<deployment>` or `accounts/<ns>/deployments/<deployment>` alone for a live-merge deployment;
+- `<addon>` or `accounts/<ns>/models/<addon>` alone for a serverless addon (one without `deployment`): it is
+  routed to the serverless pool the operator seated it in (a live-merge deployment of that name wins);
 - legacy: `model` names the model and the body key `deployedModel` names the deployment (`<deployment>` or
   `accounts/<ns>/deployments/<deployment>`); it routes, and the response says it is deprecated.
 
@@ -121,8 +123,12 @@ def resolve(
     dref = ref.deployment
     if dref is None:
         mname = _format(ref.model.namespace, ref.model.name, "models") if ref.model else ""
+        if ref.model is not None:
+            found = _serverless(ref.model.name, ref.model.namespace, store, namespace_allowed, legacy)
+            if found is not None:
+                return found
         raise not_found(
-            f'The model {mname!r} names no deployment: use model="<model>#<deployment>"',
+            f'The model {mname!r} names no deployment and no serverless addon: use model="<model>#<deployment>"',
             code="model_not_found",
         )
     if ref.model is not None and ref.model.namespace and dref.namespace and ref.model.namespace != dref.namespace:
@@ -135,9 +141,12 @@ def resolve(
         state = _find_deployment(dref.name, namespace, store, namespace_allowed)
     except RouterError as exc:
         if ref.model is None and dref.namespace is None and exc.status == 404:
+            found = _serverless(dref.name, None, store, namespace_allowed, legacy)
+            if found is not None:
+                return found
             raise not_found(
                 f'The model {dref.name!r} does not exist: use model="<model>#<deployment>" '
-                "(a bare name is only a live-merge deployment)",
+                "(a bare name is a live-merge deployment or a serverless addon)",
                 code="model_not_found",
             ) from None
         raise
@@ -168,6 +177,34 @@ def resolve(
         f"The model {model!r} is not served by deployment {dep_text!r}",
         code="model_not_found",
     )
+
+
+def _serverless(
+    name: str,
+    namespace: str | None,
+    store: TopologyStore,
+    namespace_allowed: Callable[[str], bool] | None,
+    legacy: bool,
+) -> Resolution | None:
+    """A serverless addon called by its own name: the pool that seats it, or None. Raises 400 when the
+    unqualified name is seated in pools of several namespaces."""
+    found = [
+        s
+        for s in store.all()
+        if s.view.pool and name in s.view.addons and (namespace is None or s.namespace == namespace)
+    ]
+    if len(found) > 1 and namespace_allowed is not None:
+        found = [s for s in found if namespace_allowed(s.namespace)] or found
+    if not found:
+        return None
+    if len(found) > 1:
+        options = ", ".join(_format(s.namespace, name, "models") for s in found)
+        raise RouterError(
+            400, f"model {name!r} is ambiguous: qualify it as one of {options}", param="model", code="ambiguous_model"
+        )
+    state = found[0]
+    canonical = _format(namespace, name, "models")
+    return Resolution(state, name, state.view.addons[name], canonical, legacy)
 
 
 def _find_deployment(

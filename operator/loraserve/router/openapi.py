@@ -18,8 +18,10 @@ MODEL_DESCRIPTION = (
     'What to run, as "<model>#<deployment>": <model> is the deployment\'s base model name, a LoraAddon '
     "on it, or one exact adapter version (<addon>-<version>, bypassing the A/B split); either side may be "
     "fully qualified (accounts/<namespace>/models/<model>#accounts/<namespace>/deployments/<deployment>). "
-    "A live-merge deployment is also reachable by its own name alone. The router rewrites it to the name "
-    "the replica serves before forwarding."
+    "A live-merge deployment is also reachable by its own name alone, and a serverless LoraAddon (one without "
+    "a deployment) by its own name alone or as accounts/<namespace>/models/<addon>. The router rewrites it to "
+    "the name the replica serves before forwarding, and adds the version's pinned system prompt to chat "
+    "messages (see the LoraAddon's systemPromptPolicy)."
 )
 
 

@@ -31,6 +31,8 @@ class AdapterVersion:
     served_name: str
     version: str
     weight: int
+    system_prompt: str | None = None  # the ModelVersion's systemPrompt, applied to chat requests
+    prompt_policy: str = "prepend"  # the LoraAddon's systemPromptPolicy
 
 
 @dataclass(slots=True, eq=False)
@@ -59,6 +61,7 @@ class DeploymentView:
     replica_urls: tuple[str, ...]
     scale_from_zero_timeout: float = DEFAULT_SCALE_FROM_ZERO_TIMEOUT
     desired_replicas: int | None = None  # spec.replicas
+    pool: bool = False  # a serverless pool: its addons are callable by their own name
 
     @property
     def key(self) -> DeploymentKey:
@@ -184,10 +187,13 @@ def build_deployments(
     `extra_replicas` adds replica URLs by (namespace, deployment): the static topology source uses it.
     """
     version_by_key: dict[DeploymentKey, str] = {}
+    prompt_by_key: dict[DeploymentKey, str] = {}
     for mv in versions:
         spec = mv.get("spec")
         if isinstance(spec, Mapping) and isinstance(spec.get("version"), str):
             version_by_key[object_key(mv)] = spec["version"]
+            if isinstance(spec.get("systemPrompt"), str) and spec["systemPrompt"]:
+                prompt_by_key[object_key(mv)] = spec["systemPrompt"]
 
     slices_by_service: dict[DeploymentKey, list[Mapping[str, Any]]] = {}
     for sl in endpoint_slices:
@@ -207,10 +213,12 @@ def build_deployments(
         if target_deployment is None:
             continue  # a serverless addon the operator has not seated in its pool yet
         routable: list[AdapterVersion] = []
-        for target in spec.get("targets") or []:
+        policy = spec.get("systemPromptPolicy")
+        for target in effective_targets(addon):
             if not isinstance(target, Mapping):
                 continue
-            version = version_by_key.get((ns, str(target.get("modelVersion"))))
+            mv_key = (ns, str(target.get("modelVersion")))
+            version = version_by_key.get(mv_key)
             if version is None:
                 continue  # the ModelVersion is not (yet) known: its share goes to the others
             weight = target.get("weight")
@@ -219,6 +227,8 @@ def build_deployments(
                     served_name=naming.adapter_served_name(name, version),
                     version=version,
                     weight=weight if isinstance(weight, int) and weight > 0 else 0,
+                    system_prompt=prompt_by_key.get(mv_key),
+                    prompt_policy=policy if isinstance(policy, str) else "prepend",
                 )
             )
         addons_by_deployment.setdefault((ns, target_deployment), {})[name] = tuple(routable)
@@ -255,8 +265,30 @@ def build_deployments(
             replica_urls=tuple(urls),
             scale_from_zero_timeout=parse_timeout_annotation(annotations if isinstance(annotations, Mapping) else None),
             desired_replicas=replicas if isinstance(replicas, int) else None,
+            pool=isinstance(labels := _meta(dep).get("labels"), Mapping) and labels.get(naming.POOL_LABEL) == "true",
         )
     return out
+
+
+def effective_targets(addon: Mapping[str, Any]) -> list[Any]:
+    """The targets to route by: the spec's, unless the operator's automatic rollback fired for this very
+    generation of the spec (then status.effectiveTargets: all to control). A newer spec generation (the
+    user's next edit) is routed by at once, before the operator has looked at it."""
+    spec = addon.get("spec") or {}
+    targets = spec.get("targets") if isinstance(spec, Mapping) else None
+    status = addon.get("status")
+    if isinstance(status, Mapping):
+        rollback = status.get("autoRollback")
+        effective = status.get("effectiveTargets")
+        if (
+            isinstance(rollback, Mapping)
+            and rollback.get("rolledBack") is True
+            and rollback.get("generation") == _meta(addon).get("generation")
+            and isinstance(effective, list)
+            and effective
+        ):
+            return effective
+    return targets if isinstance(targets, list) else []
 
 
 def loaded_adapters_from_models(payload: Any, base_model: str | None = None) -> frozenset[str] | None:
