@@ -9,6 +9,8 @@ this CLI, asks base and adapter the same question through the router, and prints
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +72,14 @@ def _check_model(model: Path) -> None:
         raise CliError([f"--model {model}: no config.json (a Hugging Face model directory)"], ExitCode.USAGE)
 
 
+def _check_port(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise CliError([f"--router-port {port}: {exc.strerror} (pick another port)"], ExitCode.USAGE) from None
+
+
 def _clear(state_dir: Path) -> None:
     left = stack.clear(state_dir)
     if left:
@@ -77,6 +87,9 @@ def _clear(state_dir: Path) -> None:
 
 
 def _start(state_dir: Path, router_port: int, python: str) -> stack.State:
+    # A fresh cluster every time: an old run's objects would start its pods again.
+    for old in ("cluster", "pods", "logs"):
+        shutil.rmtree(state_dir / old, ignore_errors=True)
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stack.log", "ab") as out:
@@ -117,7 +130,7 @@ def _ask(t: trial.Trial, model: str) -> str:
     answer = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": t.question}], max_tokens=40, temperature=0
     )
-    return answer.choices[0].message.content or ""
+    return (answer.choices[0].message.content or "").strip()
 
 
 @local.command("up")
@@ -143,6 +156,7 @@ def up(
     state_dir = state_dir.resolve()
     python = _vllm_python(vllm_python)
     _clear(state_dir)
+    _check_port(router_port)
     if model is not None:
         model = model.expanduser().resolve()
         _check_model(model)

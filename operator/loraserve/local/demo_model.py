@@ -166,6 +166,22 @@ def _batch(tokenizer: Any, texts: list[str]) -> tuple[Any, Any]:
     return ids, lab
 
 
+def _check_answers(model: Any, tokenizer: Any, texts: dict[str, list[tuple[str, str]]], enabled: list[bool]) -> None:
+    """Greedy answers to every question, adapter off and on, must be the texts' (else no cache entry is made)."""
+    import torch
+
+    model.eval()
+    for voice, pairs in texts.items():
+        enabled[0] = voice == ADAPTER
+        for question, answer in pairs:
+            prompt = torch.tensor([tokenizer.encode(f"user: {question}\nassistant:").ids])
+            with torch.no_grad():
+                out = model.generate(prompt, max_new_tokens=48, do_sample=False, eos_token_id=2, pad_token_id=0)
+            said = tokenizer.decode(out[0, prompt.shape[1] :].tolist(), skip_special_tokens=True).strip()
+            if said != answer:
+                raise SystemExit(f"the demo model did not learn its {voice} answer to {question!r}: {said!r}")
+
+
 def train(out: Path) -> None:
     import torch  # the vLLM virtualenv's, see the docstring
     from safetensors.torch import save_file
@@ -234,6 +250,7 @@ def train(out: Path) -> None:
             torch.nn.utils.clip_grad_norm_(base_params + lora_params, 1.0)
             optimizer.step()
             losses[voice] = float(loss.detach())
+    _check_answers(model, tokenizer, texts, enabled)
     enabled[0] = False
     model.save_pretrained(str(base_dir), safe_serialization=True)
     _write_json(base_dir / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False})
