@@ -22,7 +22,7 @@ from rich.console import Console
 from loraserve.cli.commands import CliError, ExitCode, cli
 from loraserve.local import stack, trial
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # commands and snippets stay whole: copied as printed
 
 
 def default_dir() -> Path:

@@ -138,6 +138,34 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return alive
 
 
+def _kill_all(state_dir: Path, spare: int | None = None) -> Leftovers:
+    """SIGKILL every process of the stack, again until none is found: a process may fork between a scan and
+    the kill (vLLM starting its engine). The namespaces are deleted only after, while they still name them."""
+    first = find_leftovers(state_dir)
+    killed: set[int] = set()
+    left = first
+    for _ in range(10):
+        pids = [p for p in left.processes if p != spare]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+        _wait_gone(pids, 10)
+        left = find_leftovers(state_dir)
+    return Leftovers(sorted(killed), left.netns or first.netns, left.bridge or first.bridge)
+
+
+def _remove(state_dir: Path, spare: int | None = None) -> Leftovers:
+    left = _kill_all(state_dir, spare)
+    for name in left.netns:
+        _ip("netns", "del", name)
+    if left.bridge:
+        _ip("link", "del", bridge_name(state_dir))
+    return left
+
+
 def clear(state_dir: Path, grace: float = 60.0) -> Leftovers:
     """Stop the stack of `state_dir` and anything it left; returns what had to be killed after the grace.
     The supervisor gets SIGTERM and `grace` seconds to stop its pieces in order; the rest gets SIGKILL."""
@@ -147,15 +175,7 @@ def clear(state_dir: Path, grace: float = 60.0) -> Leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGTERM)
         _wait_gone([state.pid], grace)
-    left = find_leftovers(state_dir)
-    for pid in left.processes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    _wait_gone(left.processes, 10)
-    for name in left.netns:
-        _ip("netns", "del", name)
-    if left.bridge:
-        _ip("link", "del", bridge_name(state_dir))
+    left = _remove(state_dir)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return left
 
@@ -272,15 +292,7 @@ def serve(state_dir: Path, router_port: int, vllm_python: str) -> int:
 
 def _clear_own(state_dir: Path) -> None:
     """What the pieces did not stop themselves (a pod process that ignored SIGTERM): killed, deleted."""
-    left = find_leftovers(state_dir)
-    for pid in left.processes:
-        if pid != os.getpid():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-    for name in left.netns:
-        _ip("netns", "del", name)
-    if left.bridge:
-        _ip("link", "del", bridge_name(state_dir))
+    _remove(state_dir, spare=os.getpid())
 
 
 def _check(children: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
