@@ -153,6 +153,7 @@ def up(
     state_dir: Path,
 ) -> None:
     """Start the local stack, then run the README's quick start on it (the tiny demo model unless --model)."""
+    started = time.monotonic()
     state_dir = state_dir.resolve()
     python = _vllm_python(vllm_python)
     _clear(state_dir)
@@ -175,6 +176,7 @@ def up(
         console.print(f"[bold]the local stack is up[/] (state in {state_dir}; `loraserve local down` stops it)")
         if not no_demo:
             _demo(t)
+            console.print(f"(the last answer came {time.monotonic() - started:.0f}s after `up` started)")
         _snippets(t, no_demo)
         if foreground:
             console.print("running in the foreground: Ctrl-C stops the stack")
