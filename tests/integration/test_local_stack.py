@@ -2,7 +2,8 @@
 vLLM for CPU, the operator and the router. `up` runs the README's quick start (the demo model: base and
 adapter answer differently), its `curl` and `openai` snippets work as printed; the SDK deploys an on-demand
 base with two on-demand-lora models on it (no tolerations, no region: the stack's node takes them as a
-cluster would) and chats through the router; SIGTERM, SIGHUP and SIGKILL to the stack then `down` or the
+cluster would) and chats through the router; `--model DIR --adapter DIR` serves a model of the user's own;
+SIGTERM, SIGHUP and SIGKILL to the stack then `down` or the
 next `up` leave no process and no network namespace.
 
 The tests of this module run in order on one stack (the last ones stop it)."""
@@ -25,7 +26,7 @@ import yaml
 from loraserve.local import demo_model, stack, trial
 from loraserve.local.cluster import free_port
 from loraserve.sdk import LLM
-from tests.fixtures.models import adapter_dirs
+from tests.fixtures.models import adapter_dirs, tiny_model_dir
 from tests.fixtures.vllm_server import vllm_python
 from tests.fixtures.wait import wait_for
 
@@ -204,8 +205,23 @@ def _up_with_a_readme_pod(state_dir: Path) -> tuple[stack.State, stack.Leftovers
 def test_sigkill_leftovers_are_cleared_by_down_and_by_the_next_up(tmp_path: Path) -> None:
     state_dir = tmp_path / "stack"
     try:
-        # SIGKILL: nothing stops in order; `down` finds and clears it all.
-        state, before = _up_with_a_readme_pod(state_dir)
+        # A model directory of the user's own, with an adapter (here the tests' tiny Llama): the quick start
+        # runs on it. Then SIGKILL: nothing stops in order; `down` finds and clears it all.
+        up = ok(
+            loraserve(
+                "local",
+                "up",
+                f"--model={tiny_model_dir()}",
+                f"--adapter=tutor={adapter_dirs()['alpha']}",
+                f"--dir={state_dir}",
+                f"--router-port={free_port()}",
+            )
+        )
+        answers = dict(re.findall(r"^\s+(\S+#demo): '(.*)'$", up.stdout, re.M))
+        assert set(answers) == {f"{tiny_model_dir().name}#demo", "tutor#demo"}, up.stdout
+        assert "file://$MODEL" in up.stdout
+        assert f"export MODEL={tiny_model_dir()}" in up.stdout
+        state = running(state_dir)
         os.kill(state.pid, signal.SIGKILL)
         wait_for(lambda: _dead(state.pid), timeout=10, message="the supervisor gone")
         left = stack.find_leftovers(state_dir)
