@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 import click
 from rich.console import Console
@@ -179,12 +181,19 @@ def up(
             console.print(f"(the last answer came {time.monotonic() - started:.0f}s after `up` started)")
         _snippets(t, no_demo)
         if foreground:
+            # A closed terminal (SIGHUP) or a kill (SIGTERM) of this process stops the stack too, as Ctrl-C does.
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, _interrupt)
             console.print("running in the foreground: Ctrl-C stops the stack")
             while stack.State.read(state_dir) is not None:
                 time.sleep(1)
     except KeyboardInterrupt:
         _down(state_dir)  # Ctrl-C while it starts (or in the foreground) stops it
         raise
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _demo(t: trial.Trial) -> None:
