@@ -251,3 +251,28 @@ def test_sigkill_leftovers_are_cleared_by_down_and_by_the_next_up(tmp_path: Path
         )
     finally:
         loraserve("local", "down", f"--dir={state_dir}")
+
+
+def test_foreground_up_stops_the_stack_when_its_terminal_goes(tmp_path: Path) -> None:
+    state_dir = tmp_path / "stack"
+    up = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "loraserve.cli.main", "local", "up", "--no-demo", "--foreground"),
+            *(f"--dir={state_dir}", f"--router-port={free_port()}"),
+        ],
+        env={**os.environ, "LORASERVE_VLLM_PYTHON": vllm_python()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        state = wait_for(lambda: stack.State.read(state_dir), timeout=180, message="the stack up")
+        assert stack.find_leftovers(state_dir).bridge
+        up.send_signal(signal.SIGHUP)  # what a closed terminal sends
+        output, _ = up.communicate(timeout=180)
+        assert up.returncode == 130, output
+        assert _dead(state.pid)
+        assert nothing_left(state_dir)
+    finally:
+        up.kill()
+        loraserve("local", "down", f"--dir={state_dir}")

@@ -156,6 +156,10 @@ def up(
 ) -> None:
     """Start the local stack, then run the README's quick start on it (the tiny demo model unless --model)."""
     started = time.monotonic()
+    if foreground:
+        # A closed terminal (SIGHUP) or a kill (SIGTERM) of this process stops the stack too, as Ctrl-C does.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
     state_dir = state_dir.resolve()
     python = _vllm_python(vllm_python)
     _clear(state_dir)
@@ -181,9 +185,6 @@ def up(
             console.print(f"(the last answer came {time.monotonic() - started:.0f}s after `up` started)")
         _snippets(t, no_demo)
         if foreground:
-            # A closed terminal (SIGHUP) or a kill (SIGTERM) of this process stops the stack too, as Ctrl-C does.
-            for sig in (signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, _interrupt)
             console.print("running in the foreground: Ctrl-C stops the stack")
             while stack.State.read(state_dir) is not None:
                 time.sleep(1)
