@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from loraserve.cli import local as _local  # noqa: F401 - registers `loraserve local`
 from loraserve.cli import manifests
 from loraserve.cli.commands import CliError, ExitCode, api_error, cli, refused
 from loraserve.cli.kubeclient import KubeError

@@ -45,8 +45,11 @@ def _now() -> str:
 
 
 def node_manifest(
-    name: str, accelerator: str, gpus: int, region: str, pod_cidr: str, pool: str = "fake"
+    name: str, accelerator: str, gpus: int, region: str, pod_cidr: str, pool: str = "fake", tainted: bool | None = None
 ) -> dict[str, Any]:
+    """A fake GPU node. A node of a pool other than "fake" is tainted for that pool unless `tainted=False`
+    (the local stack's only node, where any Deployment must land as on a cluster)."""
+    taint = pool != "fake" if tainted is None else tainted
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -65,7 +68,7 @@ def node_manifest(
             "podCIDR": pod_cidr,
             "podCIDRs": [pod_cidr],
             # Pods only land on a node of another pool (e.g. one that really runs them) when they ask to.
-            "taints": [] if pool == "fake" else [{"key": POOL_TAINT, "value": pool, "effect": "NoSchedule"}],
+            "taints": [{"key": POOL_TAINT, "value": pool, "effect": "NoSchedule"}] if taint else [],
         },
     }
 
@@ -111,11 +114,18 @@ def _ready_condition() -> dict[str, str]:
 
 
 def register_node(
-    core: Any, name: str, accelerator: str, gpus: int, region: str, pod_cidr: str, pool: str = "fake"
+    core: Any,
+    name: str,
+    accelerator: str,
+    gpus: int,
+    region: str,
+    pod_cidr: str,
+    pool: str = "fake",
+    tainted: bool | None = None,
 ) -> None:
     """Create (or keep) a fake GPU node; the agent of that pool then keeps it Ready."""
     try:
-        core.create_node(node_manifest(name, accelerator, gpus, region, pod_cidr, pool))
+        core.create_node(node_manifest(name, accelerator, gpus, region, pod_cidr, pool, tainted))
     except client.ApiException as exc:
         if exc.status != 409:
             raise
@@ -127,7 +137,12 @@ class NodeAgent:
     without it, they are only reported Running and Ready (enough for control-plane tests)."""
 
     def __init__(
-        self, api: client.ApiClient, run_dir: Path | None = None, vllm_python: str | None = None, pool: str = "fake"
+        self,
+        api: client.ApiClient,
+        run_dir: Path | None = None,
+        vllm_python: str | None = None,
+        pool: str = "fake",
+        bridge: str | None = None,
     ) -> None:
         # The client's generated types add nothing here: the agent speaks plain dict patches.
         self.core: Any = client.CoreV1Api(api)
@@ -138,7 +153,8 @@ class NodeAgent:
         self.api: Any = api
         self.run_dir = run_dir
         self.vllm_python = vllm_python
-        self.bridge = Bridge(f"lsbr{secrets.token_hex(2)}") if run_dir else None
+        # The pods' namespaces are named after the bridge: a known name lets a supervisor find them again.
+        self.bridge = Bridge(bridge or f"lsbr{secrets.token_hex(2)}") if run_dir else None
         self.runners: dict[str, PodRunner] = {}
         self.pool = pool
 
@@ -383,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         help="register a node, e.g. gpu-a100-0=NVIDIA_A100_80GB:8:us-east-1 (repeatable)",
     )
     parser.add_argument("--pool", default="fake", help="manage the nodes labelled with this pool name")
+    parser.add_argument("--untainted", action="store_true", help="no pool taint: any pod may land on the nodes")
+    parser.add_argument("--bridge", help="name of the pods' bridge (15 characters at most; default: random)")
     parser.add_argument("--cidr-base", type=int, default=1, help="third octet of the first node's 10.244.X.0/24")
     parser.add_argument("--run-dir", type=Path, help="really run pods (vLLM, fetcher) under this directory; needs root")
     parser.add_argument(
@@ -397,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, item in enumerate(args.node):
         name, rest = item.split("=", 1)
         accelerator, gpus, region = rest.split(":")
-        register_node(core, name, accelerator, int(gpus), region, f"10.244.{args.cidr_base + i}.0/24", args.pool)
-    agent = NodeAgent(api, args.run_dir, args.vllm_python, args.pool)
+        cidr = f"10.244.{args.cidr_base + i}.0/24"
+        register_node(core, name, accelerator, int(gpus), region, cidr, args.pool, False if args.untainted else None)
+    agent = NodeAgent(api, args.run_dir, args.vllm_python, args.pool, args.bridge)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopped.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopped.set())
     agent.run()
