@@ -38,6 +38,9 @@ import stat
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -398,6 +401,33 @@ def fetch(
     return dest
 
 
+# -- drain: the model server's preStop -----------------------------------------------------------------
+def drain(
+    metrics_url: str,
+    settle: float,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
+    """Wait `settle` seconds (the router sees the pod leave its EndpointSlice and stops sending), then until
+    vLLM has no request running or waiting, at most `timeout` seconds. Returns why it stopped waiting."""
+    from loraserve.vllm.metrics import MetricsParseError, parse_metrics
+
+    sleep(settle)
+    deadline = clock() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=5) as response:
+                load = parse_metrics(response.read().decode()).load
+        except (OSError, ValueError, MetricsParseError):
+            return "the model server is not answering: nothing left to wait for"
+        if load == 0:
+            return "drained: no request running or waiting"
+        if clock() >= deadline:
+            return f"gave up after {timeout:.0f}s with {load} requests left"
+        sleep(1.0)
+
+
 # -- the sidecar ------------------------------------------------------------------------------------------
 def _status_for(exc: FetchError) -> int:
     # The artifact is wrong (422: fixing the ModelVersion helps) or its source did not deliver (502).
@@ -521,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     merge_cmd.add_argument("--adapter-uri", required=True)
     merge_cmd.add_argument("--digest")
     merge_cmd.add_argument("--out", required=True, type=Path)
+    drain_cmd = sub.add_parser("drain", help="preStop: wait until the local vLLM has finished its requests")
+    drain_cmd.add_argument("--port", type=int, default=8000)
+    drain_cmd.add_argument("--settle", type=float, default=5.0, help="seconds for the router to stop sending")
+    drain_cmd.add_argument("--timeout", type=float, default=90.0, help="longest wait for requests to finish")
     serve = sub.add_parser("serve", help="run the sidecar")
     serve.add_argument("--dir", required=True, type=Path)
     serve.add_argument("--port", type=int, default=8001)
@@ -537,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         except FetchError as exc:
             print(f"{exc.reason}: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "drain":
+        print(drain(f"http://127.0.0.1:{args.port}/metrics", args.settle, args.timeout), file=sys.stderr)
         return 0
     if args.command == "merge":
         from loraserve.merge import merge
