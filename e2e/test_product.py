@@ -69,7 +69,7 @@ def wait_state(product: Product, ns: str, kind: str, name: str, state: str, time
 
 
 def client(product: Product) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{product.router_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return openai.OpenAI(base_url=f"{product.router_url}/v1", api_key=product.api_key(), max_retries=0, timeout=600)
 
 
 def complete(product: Product, model: str, user: str | None = None) -> tuple[str, str]:
