@@ -296,7 +296,9 @@ def download_hf(repo: str, revision: str | None, target: Path, policy: FetchPoli
 
 # -- s3:// ------------------------------------------------------------------------------------------------
 def _s3_error(what: str, exc: Exception) -> SourceUnavailable:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    response = getattr(exc, "response", None)  # botocore's ClientError: {"Error": {"Code": ...}}
+    error = response.get("Error") if isinstance(response, dict) else None
+    code = error.get("Code") if isinstance(error, dict) else None
     label = code if isinstance(code, str) and _S3_CODE.match(code) else type(exc).__name__
     return SourceUnavailable(f"{what}: {label}")
 

@@ -504,3 +504,21 @@ async def test_source_unavailable_is_502_and_unsafe_is_422(site: TlsSite, policy
         assert evil.status == 422
         assert (await evil.json())["reason"] == UnsafePath.reason
     assert left_behind(tmp_path / "adapters") == []
+
+
+def test_s3_errors_keep_the_code_not_the_message(s3: FakeS3, tmp_path: Path) -> None:
+    class ClientError(Exception):  # botocore's shape: the server's words in the message, a code beside them
+        def __init__(self, code: str) -> None:
+            super().__init__(f"An error occurred ({code}): bucket team-x-secret-layout is not yours")
+            self.response = {"Error": {"Code": code, "Message": "bucket team-x-secret-layout is not yours"}}
+
+    def denied(Bucket: str, Prefix: str) -> Iterator[dict[str, Any]]:
+        raise ClientError("AccessDenied")
+
+    s3.paginate = denied  # type: ignore[method-assign]
+    with pytest.raises(SourceUnavailable) as caught:
+        fetch("s3://bucket/adapters/bot", tmp_path / "x", policy=FetchPolicy())
+    assert str(caught.value) == "s3://bucket/adapters/bot: AccessDenied"
+    s3.paginate = lambda Bucket, Prefix: iter([{"Contents": []}])  # type: ignore[method-assign]
+    with pytest.raises(SourceUnavailable, match="no objects"):
+        fetch("s3://bucket/adapters/bot", tmp_path / "x", policy=FetchPolicy())
