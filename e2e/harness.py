@@ -144,6 +144,7 @@ class Product:
     router: ChartProcess | None = None
     agent: subprocess.Popen[bytes] | None = None
     manifests: list[dict[str, Any]] = field(default_factory=list)
+    _api_key: str | None = None
 
     # -- install ----------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -202,9 +203,12 @@ class Product:
             )
             folder = into / mount["name"]
             folder.mkdir(parents=True, exist_ok=True)
-            for key, value in (secret.get("data") or {}).items():
-                (folder / key).write_bytes(base64.b64decode(value))
-                (folder / key).chmod(0o600)
+            data = secret.get("data") or {}
+            # `items` projects only the listed keys (the router gets the API keys' digests, never a key).
+            items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                (folder / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
+                (folder / item["path"]).chmod(0o600)
             mounts[mount["mountPath"]] = folder
         return mounts
 
@@ -278,6 +282,16 @@ class Product:
             self.cluster.kubectl("get", "secret", f"{RELEASE}-model-server-key", "-n", SYSTEM_NS, "-o", "json").stdout
         )
         return base64.b64decode(secret["data"]["key"])
+
+    def api_key(self) -> str:
+        """The router's API key the chart generated (auth is on by default), as a user reads it (NOTES.txt)."""
+        if self._api_key is not None:
+            return self._api_key
+        secret = json.loads(
+            self.cluster.kubectl("get", "secret", f"{RELEASE}-router-api-key", "-n", SYSTEM_NS, "-o", "json").stdout
+        )
+        self._api_key = base64.b64decode(secret["data"]["key"]).decode()
+        return self._api_key
 
     # -- teardown ---------------------------------------------------------------------------------------
     def stop_processes(self) -> None:

@@ -69,7 +69,7 @@ def wait_state(product: Product, ns: str, kind: str, name: str, state: str, time
 
 
 def client(product: Product) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{product.router_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return openai.OpenAI(base_url=f"{product.router_url}/v1", api_key=product.api_key(), max_retries=0, timeout=600)
 
 
 def complete(product: Product, model: str, user: str | None = None) -> tuple[str, str]:
@@ -351,8 +351,12 @@ def test_model_servers_refuse_callers_without_the_token(product: Product, user_n
     assert token is not None
     assert token not in json.dumps(get(product, ns, "lsd", "multi"))
     assert all(token not in op.log_text() for op in product.operators)
-    # ... and the router path still works.
+    # ... and the router path still works, with the API key the chart generated (auth is on by default).
     assert complete(product, "coder#multi")[0] == "coder-v1"
+    ask = json.dumps({"model": "coder#multi", "prompt": "x", "max_tokens": 1}).encode()
+    assert call(f"{product.router_url}/v1/completions", "POST", body=ask) == 401
+    assert call(f"{product.router_url}/v1/completions", "POST", token="lsk-guessed", body=ask) == 401
+    assert call(f"{product.router_url}/v1/models") == 401
 
 
 def loraserve(product: Product, *args: str) -> subprocess.CompletedProcess[str]:

@@ -22,3 +22,14 @@ securityContext:
 {{- define "loraserve.modelServerKeySecret" -}}
 {{ .Values.modelServerKey.existingSecret | default (printf "%s-model-server-key" .Release.Name) }}
 {{- end -}}
+{{- define "loraserve.routerApiKeySecret" -}}
+{{ printf "%s-router-api-key" .Release.Name }}
+{{- end -}}
+{{- /* The Secret whose keys.yaml the router reads: yours, the generated one, or none (auth explicitly off). */ -}}
+{{- define "loraserve.routerKeysSecret" -}}
+{{- if .Values.router.apiKeysSecret -}}
+{{ .Values.router.apiKeysSecret }}
+{{- else if .Values.router.auth.enabled -}}
+{{ include "loraserve.routerApiKeySecret" . }}
+{{- end -}}
+{{- end -}}

@@ -101,9 +101,18 @@ async def _load(
                 json={"name": artifact.served_name, "uri": artifact.uri, "digest": artifact.digest},
                 timeout=aiohttp.ClientTimeout(total=1800),
             ) as resp:
-                body = await resp.json(content_type=None)
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                if not isinstance(body, dict) or (resp.status == 200 and not isinstance(body.get("path"), str)):
+                    # Not our fetcher's answer (a proxy, a crash page): its text never reaches status.
+                    raise addons_error("AdapterFetchFailed", f"the fetcher answered HTTP {resp.status}")
                 if resp.status != 200:
-                    raise addons_error(body.get("reason", "AdapterFetchFailed"), body.get("message", str(body)))
+                    reason, message = body.get("reason"), body.get("message")
+                    if not isinstance(reason, str) or not isinstance(message, str):
+                        reason, message = "AdapterFetchFailed", f"the fetcher answered HTTP {resp.status}"
+                    raise addons_error(reason, message)
                 path = body["path"]
             await VllmAdmin(f"http://{replica.ip}:{MODEL_SERVER_PORT}", session).load_adapter(
                 artifact.served_name, path

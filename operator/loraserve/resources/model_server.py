@@ -120,6 +120,21 @@ def vllm_args(name: str, spec: DeploymentSpec, model_dir: str) -> list[str]:
     return args + list(spec.extra_args)
 
 
+def drain_command(settings: ManifestSettings) -> list[str]:
+    return [
+        "loraserve-fetch",
+        "drain",
+        f"--port={MODEL_SERVER_PORT}",
+        f"--settle={settings.drain_settle_seconds}",
+        f"--timeout={settings.drain_seconds}",
+    ]
+
+
+def termination_grace_seconds(settings: ManifestSettings) -> int:
+    # The preStop drain, then vLLM's own shutdown after SIGTERM (30 s: it frees the GPU and exits).
+    return settings.drain_settle_seconds + settings.drain_seconds + 30
+
+
 def _user_env(spec: DeploymentSpec) -> list[dict[str, Any]]:
     return [e.to_wire() for e in spec.env]
 
@@ -135,7 +150,11 @@ def _fetch_container(
         "image": settings.model_server_image,
         "command": ["loraserve-fetch"],
         "args": args,
-        "env": [*_credential_env(spec), {"name": "HF_HOME", "value": "/cache/hf"}],
+        "env": [
+            *_credential_env(spec),
+            {"name": "HF_HOME", "value": "/cache/hf"},
+            *({"name": k, "value": v} for k, v in settings.fetch_env),
+        ],
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [
             {"name": "models", "mountPath": MODELS_DIR},
@@ -241,6 +260,9 @@ def build_pod_template(
         "livenessProbe": {"httpGet": probe_get, "periodSeconds": 15, "failureThreshold": 4},
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": mounts,
+        # Going away: the pod leaves the EndpointSlice as this starts; wait for the router to see that, then
+        # for the requests vLLM already has, and only then does vLLM get SIGTERM.
+        "lifecycle": {"preStop": {"exec": {"command": drain_command(settings)}}},
     }
     containers = [vllm]
     if spec.enable_addons:
@@ -263,7 +285,7 @@ def build_pod_template(
         "spec": {
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
-            "terminationGracePeriodSeconds": 60,
+            "terminationGracePeriodSeconds": termination_grace_seconds(settings),
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": 1000,

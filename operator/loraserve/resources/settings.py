@@ -21,6 +21,12 @@ class ManifestSettings:
     model_server_auth: bool = False
     # Where the operator and router run: model-server pods take ingress from there only (NetworkPolicy).
     control_plane_namespace: str | None = None
+    # A replica going away first waits this long for the router to see it leave (EndpointSlice watch), then
+    # up to drain_seconds for the requests it already has to finish, before vLLM gets SIGTERM.
+    drain_settle_seconds: int = 5
+    drain_seconds: int = 90
+    # The fetcher's own settings (LORASERVE_FETCH_*: allow-list, size limits, CA), passed on to its containers.
+    fetch_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManifestSettings:
@@ -32,4 +38,15 @@ class ManifestSettings:
             region_label=env.get("LORASERVE_REGION_LABEL", default.region_label),
             model_server_auth=bool(env.get("LORASERVE_MODEL_SERVER_KEY_FILE")),
             control_plane_namespace=env.get("LORASERVE_CONTROL_PLANE_NAMESPACE") or None,
+            drain_seconds=_seconds(env, "LORASERVE_DRAIN_SECONDS", default.drain_seconds),
+            fetch_env=tuple(sorted((k, v) for k, v in env.items() if k.startswith("LORASERVE_FETCH_"))),
         )
+
+
+def _seconds(env: dict[str, str], key: str, default: int) -> int:
+    text = env.get(key, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{key}: a positive whole number of seconds, got {text!r}")
+    return int(text)
