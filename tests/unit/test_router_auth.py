@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -141,17 +142,20 @@ async def test_http_auth_codes(setup: tuple[Harness, FakeBackend]) -> None:
     assert (await post(harness, body, "sk-wrong"))[0] == 401
     assert (await post(harness, body, "sk-admin-secret"))[0] == 200
     assert (await post(harness, body, "sk-team-a"))[0] == 200
+    # Out of the key's scope is answered exactly as if it did not exist: a key cannot probe other teams' names.
     status, err = await post(harness, {**body, "model": "tiny-llama#accounts/default/deployments/e"}, "sk-team-a")
-    assert status == 403
+    absent = await post(harness, {**body, "model": "tiny-llama#accounts/default/deployments/nope"}, "sk-team-a")
+    assert status == absent[0] == 404
     assert err == {
         "error": {
-            "message": "This API key may not use deployment default/e",
-            "type": "permission_error",
-            "param": None,
-            "code": "permission_denied",
+            "message": "The deployment 'accounts/default/deployments/e' does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "deployment_not_found",
         }
     }
-    assert (await post(harness, body, "sk-team-b"))[0] == 403
+    assert json.dumps(absent[1]).replace("nope", "e") == json.dumps(err)
+    assert (await post(harness, body, "sk-team-b"))[0] == 404
     # An unqualified name that exists in two namespaces resolves within the key's namespaces.
     assert (await post(harness, {**body, "model": "tiny-llama#d"}, "sk-team-b"))[0] == 200
 
@@ -163,10 +167,13 @@ async def test_http_models_list_is_scoped(setup: tuple[Harness, FakeBackend]) ->
             assert r.status == 401
         async with s.get(f"{harness.url}/v1/models", headers={"Authorization": "Bearer sk-team-a"}) as r:
             ids = [m["id"] for m in (await r.json())["data"]]
-    assert ids == [
-        "accounts/default/models/tiny-llama#accounts/default/deployments/d",
-        "accounts/default/models/bot#accounts/default/deployments/d",
-    ]
+    # Only its own deployment, named as this key calls it: that another namespace has a "d" too is not its to know.
+    assert ids == ["tiny-llama#d", "bot#d"]
+    admin = {"Authorization": "Bearer sk-admin-secret"}
+    async with aiohttp.ClientSession() as s, s.get(f"{harness.url}/v1/models", headers=admin) as r:
+        everything = [m["id"] for m in (await r.json())["data"]]
+    assert "accounts/default/models/tiny-llama#accounts/default/deployments/d" in everything
+    assert "accounts/other/models/tiny-llama#accounts/other/deployments/d" in everything
 
 
 async def test_http_per_key_concurrency(setup: tuple[Harness, FakeBackend]) -> None:

@@ -77,19 +77,19 @@ async def test_a_scoped_key_reaches_its_deployment_by_every_name(router: Harness
 
 async def test_a_scoped_key_reaches_no_other_deployment_by_any_name(router: Harness) -> None:
     refused = {label: await status(router, body, "sk-team-a") for label, body in forms("e")}
-    assert refused == {label: 403 for label, _ in forms("e")}
+    assert refused == {label: 404 for label, _ in forms("e")}  # out of scope = absent for this key
     # Another namespace's deployment of the same name, asked for by its qualified names.
     qualified = [(label, body) for label, body in forms("d", ns="other") if "qualified" in label or "legacy" in label]
     assert {label: await status(router, body, "sk-team-a") for label, body in qualified} == {
-        label: 403 for label, _ in qualified
+        label: 404 for label, _ in qualified
     }
 
 
 async def test_an_unqualified_name_never_crosses_into_a_namespace_the_key_lacks(router: Harness) -> None:
     # team-other may use namespace "other" only: "tiny-llama#d" means other/d for it, never default/d.
     assert await status(router, {"model": "tiny-llama#d"}, "sk-other") == 200
-    assert await status(router, {"model": "tiny-llama#accounts/default/deployments/d"}, "sk-other") == 403
-    assert await status(router, {"model": "tiny-llama#e"}, "sk-other") in (403, 404)
+    assert await status(router, {"model": "tiny-llama#accounts/default/deployments/d"}, "sk-other") == 404
+    assert await status(router, {"model": "tiny-llama#e"}, "sk-other") == 404
 
 
 async def test_no_key_or_a_wrong_key_is_refused_by_every_name(router: Harness) -> None:

@@ -123,7 +123,7 @@ def test_ambiguous_unqualified_deployment(store: TopologyStore) -> None:
     assert info.value.code == "ambiguous_deployment"
     assert "accounts/team-a/deployments/shared" in info.value.message
     # A key scoped to one namespace disambiguates; qualified names always do.
-    res = resolve(parse_model("tiny-llama#shared"), store, namespace_allowed=lambda ns: ns == "team-b")
+    res = resolve(parse_model("tiny-llama#shared"), store, visible=lambda ns, name: ns == "team-b")
     assert res.key == ("team-b", "shared")
     assert resolve(parse_model("tiny-llama#accounts/team-a/deployments/shared"), store).key == ("team-a", "shared")
 
@@ -184,7 +184,7 @@ def test_bare_names_that_are_not_serverless_addons_are_refused_clearly() -> None
         resolve(parse_model("twin"), s)  # seated in two namespaces' pools
     assert err.value.status == 400
     assert "accounts/team-a/models/twin" in err.value.message
-    res = resolve(parse_model("twin"), s, namespace_allowed=lambda ns: ns == "team-b")
+    res = resolve(parse_model("twin"), s, visible=lambda ns, name: ns == "team-b")
     assert res.deployment.namespace == "team-b"
     for model in ("dedicated", "accounts/team-a/models/dedicated", "accounts/team-b/models/haiku"):
         with pytest.raises(RouterError) as err:

@@ -70,10 +70,6 @@ def unauthorized(message: str = "Incorrect or missing API key: send 'Authorizati
     return RouterError(401, message, code="invalid_api_key", headers=(("www-authenticate", "Bearer"),))
 
 
-def forbidden(message: str) -> RouterError:
-    return RouterError(403, message, code="permission_denied")
-
-
 def too_large(limit: int) -> RouterError:
     return RouterError(413, f"Request body is larger than the limit of {limit} bytes", code="request_too_large")
 

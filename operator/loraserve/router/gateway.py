@@ -42,7 +42,6 @@ from loraserve.router.errors import (
     bad_gateway,
     bad_request,
     error_body,
-    forbidden,
     not_found,
     too_many,
     unauthorized,
@@ -52,7 +51,7 @@ from loraserve.router.hold import DeploymentGone, HoldQueue, RouterStopping, Wak
 from loraserve.router.httpserver import Connection, Request, encode_headers
 from loraserve.router.jsonbody import DEFAULT_MAX_DEPTH, parse_json
 from loraserve.router.metrics import RouterMetrics, Series
-from loraserve.router.model_names import model_ids, parse_model, resolve
+from loraserve.router.model_names import Deployments, VisibleDeployments, model_ids, parse_model, resolve
 from loraserve.router.prompts import apply_system_prompt
 from loraserve.router.topology import DeploymentState, Replica, TopologyStore
 from loraserve.router.upstream import ConnectError, RawHeaders, UpstreamConnection, UpstreamError, UpstreamPool
@@ -350,11 +349,9 @@ class Gateway:
             ref,
             self.store,
             legacy=deployed is not None,
-            namespace_allowed=key.allows_namespace if key is not None else None,
+            visible=key.allows if key is not None else None,  # out of scope = absent: no probing by 403 vs 404
         )
         state = res.deployment
-        if key is not None and not key.allows(state.namespace, state.name):
-            raise forbidden(f"This API key may not use deployment {state.namespace}/{state.name}")
         user = body.get("user")
         adapter: str | None = None
         label: str | None = None  # the version label of the metrics (automatic rollback compares by it)
@@ -571,10 +568,9 @@ class Gateway:
     async def _models(self, request: Request, conn: Connection) -> None:
         key = self._authenticate(request)
         data: list[dict[str, Any]] = []
-        for state in self.store.all():
-            if key is not None and not key.allows(state.namespace, state.name):
-                continue
-            qualified = len(self.store.by_name(state.name)) > 1
+        store: Deployments = VisibleDeployments(self.store, key.allows) if key is not None else self.store
+        for state in store.all():
+            qualified = len(store.by_name(state.name)) > 1
             for ident, addon in model_ids(state):
                 if qualified:
                     left, sep, _ = ident.partition("#")

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from loraserve.router.errors import RouterError, bad_request, not_found
-from loraserve.router.topology import AdapterVersion, DeploymentState, TopologyStore
+from loraserve.router.topology import AdapterVersion, DeploymentState
 
 SEPARATOR = "#"
 
@@ -112,19 +113,47 @@ def _format(namespace: str | None, name: str, kind: str) -> str:
     return f"accounts/{namespace}/{kind}/{name}" if namespace else name
 
 
+class Deployments(Protocol):
+    def get(self, namespace: str, name: str) -> DeploymentState | None: ...
+    def by_name(self, name: str) -> list[DeploymentState]: ...
+    def all(self) -> list[DeploymentState]: ...
+
+
+class VisibleDeployments:
+    """The deployments as one API key sees them: those it may not use do not exist for it, so its answers
+    (404, or the namespaces an ambiguous name lists) never tell it what exists elsewhere."""
+
+    def __init__(self, store: Deployments, visible: Callable[[str, str], bool]) -> None:
+        self.store = store
+        self.visible = visible
+
+    def get(self, namespace: str, name: str) -> DeploymentState | None:
+        state = self.store.get(namespace, name)
+        return state if state is not None and self.visible(namespace, name) else None
+
+    def by_name(self, name: str) -> list[DeploymentState]:
+        return [s for s in self.store.by_name(name) if self.visible(s.namespace, s.name)]
+
+    def all(self) -> list[DeploymentState]:
+        return [s for s in self.store.all() if self.visible(s.namespace, s.name)]
+
+
 def resolve(
     ref: ModelRef,
-    store: TopologyStore,
+    store: Deployments,
     *,
     legacy: bool = False,
-    namespace_allowed: Callable[[str], bool] | None = None,
+    visible: Callable[[str, str], bool] | None = None,
 ) -> Resolution:
-    """Find the deployment and the model on it. Raises RouterError (400 ambiguous / 404 unknown)."""
+    """Find the deployment and the model on it. Raises RouterError (400 ambiguous / 404 unknown). With
+    `visible` (an API key's scope), deployments outside it are treated as absent."""
+    if visible is not None:
+        store = VisibleDeployments(store, visible)
     dref = ref.deployment
     if dref is None:
         mname = _format(ref.model.namespace, ref.model.name, "models") if ref.model else ""
         if ref.model is not None:
-            found = _serverless(ref.model.name, ref.model.namespace, store, namespace_allowed, legacy)
+            found = _serverless(ref.model.name, ref.model.namespace, store, legacy)
             if found is not None:
                 return found
         raise not_found(
@@ -138,10 +167,10 @@ def resolve(
         )
     namespace = dref.namespace or (ref.model.namespace if ref.model else None)
     try:
-        state = _find_deployment(dref.name, namespace, store, namespace_allowed)
+        state = _find_deployment(dref.name, namespace, store)
     except RouterError as exc:
         if ref.model is None and dref.namespace is None and exc.status == 404:
-            found = _serverless(dref.name, None, store, namespace_allowed, legacy)
+            found = _serverless(dref.name, None, store, legacy)
             if found is not None:
                 return found
             raise not_found(
@@ -182,8 +211,7 @@ def resolve(
 def _serverless(
     name: str,
     namespace: str | None,
-    store: TopologyStore,
-    namespace_allowed: Callable[[str], bool] | None,
+    store: Deployments,
     legacy: bool,
 ) -> Resolution | None:
     """A serverless addon called by its own name: the pool that seats it, or None. Raises 400 when the
@@ -193,8 +221,6 @@ def _serverless(
         for s in store.all()
         if s.view.pool and name in s.view.addons and (namespace is None or s.namespace == namespace)
     ]
-    if len(found) > 1 and namespace_allowed is not None:
-        found = [s for s in found if namespace_allowed(s.namespace)] or found
     if not found:
         return None
     if len(found) > 1:
@@ -210,8 +236,7 @@ def _serverless(
 def _find_deployment(
     name: str,
     namespace: str | None,
-    store: TopologyStore,
-    namespace_allowed: Callable[[str], bool] | None,
+    store: Deployments,
 ) -> DeploymentState:
     if namespace is not None:
         state = store.get(namespace, name)
@@ -222,9 +247,6 @@ def _find_deployment(
             )
         return state
     candidates: Sequence[DeploymentState] = store.by_name(name)
-    if len(candidates) > 1 and namespace_allowed is not None:
-        narrowed = [c for c in candidates if namespace_allowed(c.namespace)]
-        candidates = narrowed or candidates
     if not candidates:
         raise not_found(f"The deployment {name!r} does not exist", code="deployment_not_found")
     if len(candidates) > 1:

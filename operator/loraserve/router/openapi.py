@@ -38,8 +38,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         "numbers), missing or malformed model, or an ambiguous deployment name.",
         408: "The request head or body did not arrive in time (--header-timeout, --body-timeout).",
         401: "No API key, or an unknown one.",
-        403: "The API key may not use this namespace or deployment.",
-        404: "Unknown model or deployment (or no such route).",
+        404: "Unknown model or deployment, or one the API key may not use (answered alike, so a key cannot "
+        "probe what exists outside its scope), or no such route.",
         413: "The body is larger than the router's limit (--max-body-bytes).",
         414: "The request target is longer than --max-request-target-bytes.",
         431: "The request headers exceed --max-header-bytes or --max-headers.",
@@ -98,7 +98,7 @@ def _generation(kind: str, schema: str, example: dict[str, Any]) -> dict[str, An
                         "text/event-stream": {"schema": {"type": "string"}},
                     },
                 },
-                **_errors(400, 401, 403, 404, 408, 413, 414, 429, 431, 502, 503, 504),
+                **_errors(400, 401, 404, 408, 413, 414, 429, 431, 502, 503, 504),
             },
         }
     }
