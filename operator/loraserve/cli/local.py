@@ -176,8 +176,8 @@ def up(
             demo = demo_model(python)
         model, served = demo.base, {**demo.adapters, **_adapters(adapters)}
         ask = question or demo.questions[0]
-    state = _start(state_dir, router_port, python)
     try:
+        state = _start(state_dir, router_port, python)  # a signal while it starts stops what has started
         t = trial.Trial(model, served, ask, state.router_url, Path(state.kubeconfig), Path(state.bin_dir))
         console.print(f"[bold]the local stack is up[/] (state in {state_dir}; `loraserve local down` stops it)")
         if not no_demo:
