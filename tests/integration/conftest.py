@@ -12,14 +12,16 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from e2e.harness import RUN_REGION, RUN_TOLERATION
 
 from loraserve.local.cluster import LocalCluster, free_port
 from tests.fixtures.wait import wait_for
 
-__all__ = ["RUN_REGION", "RUN_TOLERATION", "wait_for"]
+__all__ = ["RUN_REGION", "RUN_TOLERATION", "apply", "get", "status", "wait_for"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -235,3 +237,17 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# kubectl, as a user types it: the small helpers the cluster tests share
+def apply(cluster: LocalCluster, ns: str, *docs: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def get(cluster: LocalCluster, ns: str, *what: str) -> Any:
+    result = cluster.kubectl("get", *what, "-n", ns, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def status(cluster: LocalCluster, ns: str, kind: str, name: str) -> dict[str, Any]:
+    return (get(cluster, ns, kind, name) or {}).get("status") or {}

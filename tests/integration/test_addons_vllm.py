@@ -4,7 +4,6 @@ with a clear reason, and unloads on removal. The pods really run (vLLM CPU in a 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,28 +13,14 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 
 from loraserve.api.naming import base_model_name
 from loraserve.digest import directory_digest
 from loraserve.local.cluster import LocalCluster
-from tests.integration.conftest import RUN_TOLERATION, Operator, wait_for
+from tests.integration.conftest import RUN_TOLERATION, Operator, apply, get, status, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm, pytest.mark.slow]
 API = "serving.loraserve.dev/v1alpha1"
-
-
-def apply(cluster: LocalCluster, ns: str, *docs: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
-
-
-def get(cluster: LocalCluster, ns: str, *what: str) -> Any:
-    result = cluster.kubectl("get", *what, "-n", ns, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def status(cluster: LocalCluster, ns: str, kind: str, name: str) -> dict[str, Any]:
-    return (get(cluster, ns, kind, name) or {}).get("status") or {}
 
 
 def version(name: str, label: str, base: str, adapter: Path, **adapter_extra: Any) -> dict[str, Any]:
