@@ -44,6 +44,12 @@ RUN_TOLERATION = {
     "value": "run",
     "effect": "NoSchedule",
 }
+# Where a test's Deployment really runs (vLLM CPU on the run-pool node), sized for the tiny test model.
+RUN_POOL_PLACEMENT: dict[str, Any] = {
+    "region": RUN_REGION,
+    "tolerations": [RUN_TOLERATION],
+    "extraArgs": ["--max-model-len=256", "--dtype=float32"],
+}
 
 
 def run_helm(cluster: LocalCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

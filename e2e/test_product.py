@@ -25,7 +25,7 @@ import yaml
 
 from e2e.conftest import TIMINGS
 from e2e.dashboard import dashboard_metric_names, exported_names
-from e2e.harness import CHART, RELEASE, RUN_REGION, RUN_TOLERATION, SYSTEM_NS, Product, run_helm, wait_for
+from e2e.harness import CHART, RELEASE, RUN_POOL_PLACEMENT, SYSTEM_NS, Product, run_helm, wait_for
 from loraserve.addons import pool_name
 from loraserve.api.naming import base_model_name
 from loraserve.digest import directory_digest
@@ -33,7 +33,7 @@ from loraserve.tokens import ModelServerTokens
 
 API = "serving.loraserve.dev/v1alpha1"
 PROMPT = "the river and the"
-LOCAL = {"region": RUN_REGION, "tolerations": [RUN_TOLERATION], "extraArgs": ["--max-model-len=256", "--dtype=float32"]}
+LOCAL = RUN_POOL_PLACEMENT
 # What earlier steps learned and later steps check against.
 seen: dict[str, Any] = {}
 

@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from e2e.harness import RUN_POOL_PLACEMENT
 
 from loraserve.api.naming import base_model_name
 from loraserve.digest import directory_digest
 from loraserve.local.cluster import LocalCluster
-from tests.integration.conftest import RUN_TOLERATION, Operator
+from tests.integration.conftest import Operator
 from tests.integration.test_addons_vllm import addon, apply, complete, replica_ips, version, wait_state
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm, pytest.mark.slow]
@@ -36,9 +37,7 @@ def test_an_adapter_uri_that_vanishes(
         "maxLoras": 4,
         "maxLoraRank": 16,
         "minReplicas": 1,
-        "region": run_pool,
-        "tolerations": [RUN_TOLERATION],
-        "extraArgs": ["--max-model-len=256", "--dtype=float32"],
+        **RUN_POOL_PLACEMENT,
     }
     apply(cluster, ns, {"apiVersion": API, "kind": "Deployment", "metadata": {"name": "tiny"}, "spec": spec})
     wait_state(cluster, ns, "lsd", "tiny", "READY", timeout=400)

@@ -19,13 +19,14 @@ from typing import Any
 
 import openai
 import pytest
+from e2e.harness import RUN_POOL_PLACEMENT
 
 from loraserve.addons import pool_name
 from loraserve.api.addon import REARM_ANNOTATION
 from loraserve.digest import directory_digest
 from loraserve.local.cluster import LocalCluster
 from loraserve.router.topology import SCALE_FROM_ZERO_TIMEOUT_ANNOTATION
-from tests.integration.conftest import RUN_TOLERATION, Operator, apply, get, status, wait_for
+from tests.integration.conftest import Operator, apply, get, status, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm, pytest.mark.slow]
 API = "serving.loraserve.dev/v1alpha1"
@@ -97,9 +98,7 @@ def test_auto_rollback_then_flips_by_hand_under_traffic(
             "maxLoras": 4,
             "maxLoraRank": 16,
             "minReplicas": 1,
-            "region": run_pool,
-            "tolerations": [RUN_TOLERATION],
-            "extraArgs": ["--max-model-len=256", "--dtype=float32"],
+            **RUN_POOL_PLACEMENT,
         },
     }
     apply(cluster, ns, deployment)
