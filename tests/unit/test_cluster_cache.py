@@ -78,4 +78,5 @@ def test_forget_frees_a_deleted_deployment() -> None:
     cache.fill_pods(KEY, [pod("a", 1)], 2)
     cache.fill_child(KEY, {"metadata": {"resourceVersion": "2"}})
     cache.forget(KEY)
-    assert KEY not in cache.pods and KEY not in cache.children
+    assert KEY not in cache.pods
+    assert KEY not in cache.children
