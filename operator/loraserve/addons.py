@@ -247,3 +247,65 @@ def next_look(
         if moment is not None:
             due.append((moment - now).total_seconds())
     return max(0.0, min(due))
+
+
+@dataclass(frozen=True)
+class Idleness:
+    idle: bool  # no request for idle_after and none in flight: unload everything
+    last_request: float  # epoch seconds: the latest activity seen (now, while a request is in flight)
+    woken: bool  # it was unloaded and is wanted again: a fresh idle period starts now
+    idle_at: float | None  # when it turns idle if nothing more happens (None: it is idle)
+
+
+def idleness(
+    now: float,
+    seen: list[float | None],
+    idle_after: float,
+    in_flight: float,
+    previous_state: str | None,
+) -> Idleness:
+    """`seen`: what marks activity (the routers' last request, status.lastRequestTime, creation, loadedAt).
+    A request in flight (a held one, for an unloaded adapter) is activity now."""
+    last = max((t for t in seen if t is not None), default=now)
+    if in_flight > 0:
+        last = max(last, now)
+    idle = now - last >= idle_after
+    if idle:
+        return Idleness(True, last, False, None)
+    woken = previous_state == "UNLOADED"
+    return Idleness(False, last, woken, (now if woken else last) + idle_after)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str
+    reason: str
+    message: str
+    ready: bool
+    reconciling: bool
+    stalled: bool
+
+
+def verdict(failures: list[Refusal], idle: bool, idle_after: float, loaded: int, total: int) -> Verdict:
+    """The addon's state from what this round did: failures first, then idle, then readiness."""
+    if failures:
+        message = "; ".join(f.message for f in failures[:3])
+        return Verdict("FAILED" if loaded == 0 else "LOADING", failures[0].reason, message, False, False, True)
+    if idle:
+        message = f"no request for {idle_after:.0f}s: unloaded; the next request loads it again"
+        return Verdict("UNLOADED", "IdleUnloaded", message, True, False, False)
+    if total == 0:
+        message = "no ready replica: adapters load on each replica as it becomes ready"
+        return Verdict("PENDING", "NoReadyReplicas", message, True, False, False)
+    message = f"loaded on {loaded}/{total} ready replicas"
+    if loaded < total:
+        return Verdict("LOADING", "Loading", message, False, True, False)
+    return Verdict("READY", "AdaptersLoaded", message, True, False, False)
+
+
+def capacity(served_versions: int, max_loras: int) -> tuple[bool, str, str]:
+    """(over, reason, message) for the OverCapacity condition: more versions than maxLoras works (vLLM swaps
+    them) but costs latency."""
+    over = served_versions > max_loras
+    reason = "AdaptersExceedMaxLoras" if over else "WithinMaxLoras"
+    return over, reason, f"{served_versions} adapter versions for {max_loras} GPU slots (maxLoras)"

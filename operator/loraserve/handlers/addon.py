@@ -34,6 +34,7 @@ from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_
 from loraserve.settings import operator_settings
 from loraserve.status import condition, kstatus_conditions, merge_conditions, status_patch
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
+from loraserve.vllm.fetch_client import FetcherClient, FetchFailed
 
 # An addon is looked at when it, its Deployment, its replicas or its ModelVersions change, when a request is
 # held for it, or when one of its own deadlines comes (see addons.next_look); this slow resync only heals
@@ -128,24 +129,8 @@ async def _load(
             failures.append(last)  # still failing as last time; retried with backoff
             continue
         try:
-            async with session.post(
-                f"http://{replica.ip}:{fetcher_port}/fetch",
-                json={"name": artifact.served_name, "uri": artifact.uri, "digest": artifact.digest},
-                timeout=aiohttp.ClientTimeout(total=1800),
-            ) as resp:
-                try:
-                    body = await resp.json(content_type=None)
-                except ValueError:
-                    body = None
-                if not isinstance(body, dict) or (resp.status == 200 and not isinstance(body.get("path"), str)):
-                    # Not our fetcher's answer (a proxy, a crash page): its text never reaches status.
-                    raise addons_error("AdapterFetchFailed", f"the fetcher answered HTTP {resp.status}")
-                if resp.status != 200:
-                    reason, message = body.get("reason"), body.get("message")
-                    if not isinstance(reason, str) or not isinstance(message, str):
-                        reason, message = "AdapterFetchFailed", f"the fetcher answered HTTP {resp.status}"
-                    raise addons_error(reason, message)
-                path = body["path"]
+            fetcher = FetcherClient(f"http://{replica.ip}:{fetcher_port}", session)
+            path = await fetcher.fetch(artifact.served_name, artifact.uri, artifact.digest)
             await VllmAdmin(f"http://{replica.ip}:{MODEL_SERVER_PORT}", session).load_adapter(
                 artifact.served_name, path
             )
@@ -157,7 +142,7 @@ async def _load(
             failures.append(refusal)
             backoff[key] = (time.time() + delay, min(delay * 2, MAX_BACKOFF), refusal)
             record_adapter_load_failure(*who, refusal.reason)
-        except _FetchFailed as exc:
+        except FetchFailed as exc:
             refusal = addons.Refusal(exc.reason, f"{artifact.served_name} on {replica.name}: {exc}")
             failures.append(refusal)
             backoff[key] = (time.time() + delay, min(delay * 2, MAX_BACKOFF), refusal)
@@ -168,26 +153,13 @@ async def _load(
     return failures
 
 
-class _FetchFailed(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def addons_error(reason: str, message: str) -> _FetchFailed:
-    return _FetchFailed(reason, message)
-
-
 async def _unload(session: aiohttp.ClientSession, replica: addons.Replica, names: list[str], fetcher_port: int) -> None:
     admin = VllmAdmin(f"http://{replica.ip}:{MODEL_SERVER_PORT}", session)
     for name in names:
         try:
             await admin.unload_adapter(name)
             LOADED.changed(replica, unloaded=name)
-            async with session.delete(
-                f"http://{replica.ip}:{fetcher_port}/adapters/{name}", timeout=aiohttp.ClientTimeout(total=30)
-            ):
-                pass
+            await FetcherClient(f"http://{replica.ip}:{fetcher_port}", session).remove(name)
         except (aiohttp.ClientError, TimeoutError, VllmError):
             pass  # the next round tries again
 
@@ -343,27 +315,23 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         base["versions"] = ",".join(
             f"{labels.get(t['modelVersion'], t['modelVersion'])}:{t['weight']}" for t in decision.effective
         )
-    last_request = max(
-        t
-        for t in (
-            demand.last_request if demand else None,
-            _epoch(previous.get("lastRequestTime")),
-            _epoch(body.metadata.get("creationTimestamp")),
-            _epoch(previous.get("loadedAt")),
-        )
-        if t is not None
-    )
     annotated_idle = (body.metadata.annotations or {}).get(IDLE_UNLOAD_ANNOTATION)
     idle_after = parse_window(annotated_idle) if annotated_idle else settings.addon_idle_unload_after
-    idle = now.timestamp() - last_request >= idle_after and not (demand and demand.in_flight > 0)
-    if demand and demand.in_flight > 0:
-        last_request = max(last_request, now.timestamp())
-    base["lastRequestTime"] = _stamp(datetime.fromtimestamp(last_request, UTC))
+    seen = [
+        demand.last_request if demand else None,
+        _epoch(previous.get("lastRequestTime")),
+        _epoch(body.metadata.get("creationTimestamp")),
+        _epoch(previous.get("loadedAt")),
+    ]
+    activity = addons.idleness(
+        now.timestamp(), seen, idle_after, demand.in_flight if demand else 0.0, previous.get("state")
+    )
+    idle = activity.idle
+    base["lastRequestTime"] = _stamp(datetime.fromtimestamp(activity.last_request, UTC))
     if idle:
         wanted = []
-    elif previous.get("state") == "UNLOADED":
+    elif activity.woken:
         base["loadedAt"] = stamp  # woken: a fresh idle period starts now
-        last_request = now.timestamp()
     wanted_names = {a.served_name for a in wanted}
 
     # Versions dropped from the targets stay loaded (warm) for a grace period: rollback is a pointer flip.
@@ -388,24 +356,9 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     loaded = sum(1 for r in after if r is not None and wanted_names <= r.loaded)
     total = len(ready_replicas(pods))
     base.update(loadedReplicas=loaded, totalReplicas=total, servedNames=sorted(wanted_names), retired=retired)
-    if failures:
-        first = failures[0]
-        message = "; ".join(f.message for f in failures[:3])
-        status = _verdict(
-            base, "FAILED" if loaded == 0 else "LOADING", first.reason, message, (False, False, True), generation, stamp
-        )
-    elif idle:
-        message = f"no request for {idle_after:.0f}s: unloaded; the next request loads it again"
-        status = _verdict(base, "UNLOADED", "IdleUnloaded", message, (True, False, False), generation, stamp)
-    elif total == 0:
-        message = "no ready replica: adapters load on each replica as it becomes ready"
-        status = _verdict(base, "PENDING", "NoReadyReplicas", message, (True, False, False), generation, stamp)
-    elif loaded < total:
-        message = f"loaded on {loaded}/{total} ready replicas"
-        status = _verdict(base, "LOADING", "Loading", message, (False, True, False), generation, stamp)
-    else:
-        message = f"loaded on {loaded}/{total} ready replicas"
-        status = _verdict(base, "READY", "AdaptersLoaded", message, (True, False, False), generation, stamp)
+    judged = addons.verdict(failures, idle, idle_after, loaded, total)
+    flags = (judged.ready, judged.reconciling, judged.stalled)
+    status = _verdict(base, judged.state, judged.reason, judged.message, flags, generation, stamp)
     assert deployment is not None
     status["conditions"].append(_capacity(namespace, deployment_name, deployment, generation, stamp))
     if decision.condition is not None:
@@ -421,7 +374,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     return addons.next_look(
         now,
         resync=UNREACHABLE_RETRY if unreachable or (loaded < total and not failures) else RESYNC_SECONDS,
-        idle_at=None if idle else datetime.fromtimestamp(last_request + idle_after, UTC),
+        idle_at=None if activity.idle_at is None else datetime.fromtimestamp(activity.idle_at, UTC),
         warm_until=addons.warm_until(retired, WARM_GRACE),
         retry_at=[datetime.fromtimestamp(at, UTC) for at, _, _ in backoff.values()],
         sample_every=sampling,
@@ -429,12 +382,10 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
 
 
 def _capacity(namespace: str, deployment_name: str, deployment: DeploymentSpec, gen: int, now: str) -> dict[str, Any]:
-    """More adapters than maxLoras is allowed (vLLM swaps them) but costs latency: say so. Counted from the
-    addons' watch events (no API call)."""
+    """Counted from the addons' watch events (no API call)."""
     served = _served_versions.get((namespace, deployment_name), 0)
-    over = served > deployment.effective_max_loras
-    message = f"{served} adapter versions for {deployment.effective_max_loras} GPU slots (maxLoras)"
-    return condition("OverCapacity", over, "AdaptersExceedMaxLoras" if over else "WithinMaxLoras", message, gen, now)
+    over, reason, message = addons.capacity(served, deployment.effective_max_loras)
+    return condition("OverCapacity", over, reason, message, gen, now)
 
 
 class Followed:
