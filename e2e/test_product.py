@@ -25,7 +25,7 @@ import yaml
 
 from e2e.conftest import TIMINGS
 from e2e.dashboard import dashboard_metric_names, exported_names
-from e2e.harness import CHART, RELEASE, RUN_POOL_PLACEMENT, SYSTEM_NS, Product, run_helm, wait_for
+from e2e.harness import CHART, RELEASE, RUN_POOL_PLACEMENT, SYSTEM_NS, Product, operator_acting, run_helm, wait_for
 from loraserve.addons import pool_name
 from loraserve.api.naming import base_model_name
 from loraserve.digest import directory_digest
@@ -114,9 +114,7 @@ def acting_operators(product: Product) -> list[int]:
     for i, op in enumerate(product.operators):
         if not op.running:
             continue
-        log = op.log_text()
-        paused, resumed = log.rfind("Pausing operations in favour of"), log.rfind("Resuming operations")
-        if paused < 0 or resumed > paused:
+        if operator_acting(op.log_text()):
             acting.append(i)
     return acting
 

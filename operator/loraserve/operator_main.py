@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import time
 from typing import Any
 
 import kopf
 
+from loraserve import peering
 from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
 from loraserve.handlers.deployment import model_server_tokens
 from loraserve.kube import load_config
@@ -24,10 +27,17 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         logging.getLogger(__name__).warning(
             "no LORASERVE_MODEL_SERVER_KEY_FILE: model servers accept requests from anyone who reaches them"
         )
-    # Two replicas must never both act: Kopf peering lets only the highest priority operate; a random
-    # priority makes the winner unique without configuration.
+    # Two replicas must never both act: Kopf peering lets only the highest priority operate, the eldest
+    # replica (see loraserve.peering); a killed one is replaced within the keep-alive lifetime.
     settings.peering.name = PEERING_NAME
-    settings.peering.priority = random.randint(1, 2**31 - 1)
+    settings.peering.priority = peering.priority(time.time(), random.randrange(2**peering.TIEBREAK_BITS))
+    settings.peering.lifetime = peering.lifetime(os.environ)
+    # Start paused until the peers are read: a replica (re)starting beside a leader never acts meanwhile.
+    settings.peering.mandatory = not settings.peering.standalone
+    if settings.peering.mandatory:  # Kopf logs "Resuming operations" once this replica acts
+        logging.getLogger(__name__).info(
+            f"peering {PEERING_NAME!r} (lifetime {settings.peering.lifetime}s): {peering.STANDING_BY}"
+        )
     settings.posting.level = logging.INFO
     settings.persistence.finalizer = "serving.loraserve.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="serving.loraserve.dev")
@@ -40,6 +50,7 @@ def run(namespaces: list[str] | None = None, standalone: bool = False, liveness:
     try:  # a bad setting stops the start with its reason (Kopf would retry a failing startup handler forever)
         use_settings(OperatorSettings.from_env())
         model_server_tokens()
+        peering.lifetime(os.environ)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"loraserve operator cannot start: {exc}") from None
     asyncio.run(

@@ -6,6 +6,7 @@ GC age (with an Event first)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -131,7 +132,8 @@ async def deployment_autoscaler(
                 if added:
                     GPU_SECONDS.labels(namespace, name, spec.accelerator_type.value).inc(added)
                 if policy.last_request_time is not None:
-                    new_status["lastRequestTime"] = _iso(policy.last_request_time)
+                    # Rounded up to the second status keeps: a successor's zero clock is never earlier.
+                    new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
                 if new_status or now - last_written >= STATUS_EVERY:
                     new_status["gpuSeconds"] = round(meter.total, 1)
                     changed = {k: v for k, v in new_status.items() if written.get(k) != v}
