@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from typing import Any
@@ -15,7 +14,7 @@ from loraserve import peering
 from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
 from loraserve.handlers.deployment import model_server_tokens
 from loraserve.kube import load_config
-from loraserve.settings import OperatorSettings, use_settings
+from loraserve.settings import OperatorSettings, operator_settings, use_settings
 
 PEERING_NAME = "loraserve"
 
@@ -31,7 +30,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # replica (see loraserve.peering); a killed one is replaced within the keep-alive lifetime.
     settings.peering.name = PEERING_NAME
     settings.peering.priority = peering.priority(time.time(), random.randrange(2**peering.TIEBREAK_BITS))
-    settings.peering.lifetime = peering.lifetime(os.environ)
+    settings.peering.lifetime = operator_settings().peering_lifetime
     # Start paused until the peers are read: a replica (re)starting beside a leader never acts meanwhile.
     settings.peering.mandatory = not settings.peering.standalone
     if settings.peering.mandatory:  # Kopf logs "Resuming operations" once this replica acts
@@ -50,7 +49,6 @@ def run(namespaces: list[str] | None = None, standalone: bool = False, liveness:
     try:  # a bad setting stops the start with its reason (Kopf would retry a failing startup handler forever)
         use_settings(OperatorSettings.from_env())
         model_server_tokens()
-        peering.lifetime(os.environ)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"loraserve operator cannot start: {exc}") from None
     asyncio.run(

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraserve import peering
 from loraserve.durations import parse_window
 from loraserve.resources.settings import ManifestSettings
 
@@ -29,6 +30,7 @@ class OperatorSettings:
     serverless_pool_gc_after: float = 600.0
     serverless_pool_spec: Mapping[str, Any] = field(default_factory=dict)
     model_server_key_file: str | None = None
+    peering_lifetime: int = 10  # seconds (see loraserve.peering)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -64,6 +66,7 @@ class OperatorSettings:
             serverless_pool_gc_after=_window(env, "LORASERVE_SERVERLESS_POOL_GC_AFTER", "10m"),
             serverless_pool_spec=pool_spec,
             model_server_key_file=env.get("LORASERVE_MODEL_SERVER_KEY_FILE") or None,
+            peering_lifetime=peering.lifetime(env),
         )
 
 

@@ -67,3 +67,9 @@ def test_the_operator_does_not_start_on_a_malformed_setting() -> None:
     )
     assert done.returncode != 0
     assert "LORASERVE_SERVERLESS_POOL_GC_AFTER" in done.stderr
+
+
+def test_peering_lifetime_is_read_with_the_rest() -> None:
+    assert OperatorSettings.from_env({"LORASERVE_PEERING_LIFETIME": "30s"}).peering_lifetime == 30
+    with pytest.raises(ValueError, match="LORASERVE_PEERING_LIFETIME"):
+        OperatorSettings.from_env({"LORASERVE_PEERING_LIFETIME": "1s"})
