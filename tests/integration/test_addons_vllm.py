@@ -202,6 +202,8 @@ def kill_model_server(ip: str) -> list[int]:
             continue
         pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
         victims = [int(p) for p in pids if b"loraserve.fetcher" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        if not victims:
+            continue  # an empty namespace another run left with the same address: not this pod's
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         return victims

@@ -156,7 +156,7 @@ class NodeAgent:
         # The pods' namespaces are named after the bridge: a known name lets a supervisor find them again.
         self.bridge = Bridge(bridge or f"lsbr{secrets.token_hex(2)}") if run_dir else None
         self.runners: dict[str, PodRunner] = {}
-        self.terminating: set[str] = set()  # pod uids deleted through the API, stopping in their grace period
+        self.terminating: dict[str, PodRunner] = {}  # pods deleted through the API, stopping in their grace period
         self.pool = pool
 
     # -- nodes --------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class NodeAgent:
                 self._remove(pod)
                 return
             self.runners.pop(uid, None)
-            self.terminating.add(uid)
+            self.terminating[uid] = runner
             grace = pod.metadata.deletion_grace_period_seconds
             if grace is None:
                 grace = pod.spec.termination_grace_period_seconds or 30
@@ -269,7 +269,7 @@ class NodeAgent:
             runner.stop(grace)
             self._remove(pod)
         finally:
-            self.terminating.discard(pod.metadata.uid)
+            self.terminating.pop(pod.metadata.uid, None)
 
     def forget_deleted(self, pod: Any) -> None:
         runner = self.runners.pop(pod.metadata.uid, None)
@@ -312,9 +312,11 @@ class NodeAgent:
                 log.warning("status of pod %s/%s not written: %s", meta["namespace"], meta["name"], exc.reason)
 
     def stop_all(self) -> None:
-        for runner in list(self.runners.values()):
+        # the agent is going away: pods still in their grace period stop now too (nothing left behind)
+        for runner in list(self.runners.values()) + list(self.terminating.values()):
             runner.stop()
         self.runners.clear()
+        self.terminating.clear()
         if self.bridge is not None:
             self.bridge.delete()
 
