@@ -15,8 +15,9 @@ loaded adapters are kept per local address the connection came to). Then:
 
 1. baseline: the apiserver's own `apiserver_request_total` over --baseline seconds before any CR exists
    (control plane, node agent and the idle operator);
-2. creates 10 ModelVersions, then N Deployments (minReplicas 1, enableAddons) each followed by its 10
-   LoraAddons (addon k of every Deployment points at ModelVersion k), --concurrency requests at a time,
+2. creates 10 ModelVersions per namespace (one namespace, or --namespaces K), then N Deployments
+   (minReplicas 1, enableAddons) each followed by its 10 LoraAddons (addon k of every Deployment points at
+   ModelVersion k of its namespace), --concurrency requests at a time,
    and watches both kinds: per object, create->READY latency is from the create's answer to the first
    watch event with state READY; "all reconciled" is when every object is READY at once (progress every 10 s);
 3. after --settle seconds, an idle window of --idle seconds: apiserver requests per second minus the
@@ -266,10 +267,10 @@ class Api:
         self.server = cluster.server
         self.session = session
 
-    async def request_counts(self) -> Counter[RequestKey]:
+    async def request_counts(self) -> dict[RequestKey, float]:
         async with self.session.get(self.server + "/metrics") as resp:
             text = await resp.text()
-        counts: Counter[RequestKey] = Counter()
+        counts: dict[RequestKey, float] = {}
         for family in text_string_to_metric_families(text):
             if family.name != "apiserver_request":
                 continue
@@ -278,7 +279,8 @@ class Api:
                     resource = s.labels.get("resource") or "(non-resource)"
                     if s.labels.get("subresource"):
                         resource += "/" + s.labels["subresource"]
-                    counts[(s.labels.get("verb", "?"), resource)] += s.value
+                    key = (s.labels.get("verb", "?"), resource)
+                    counts[key] = counts.get(key, 0.0) + s.value
         return counts
 
     async def create(self, path: str, body: dict[str, Any]) -> None:
@@ -301,23 +303,26 @@ class Api:
         return len(body["items"]) + int(body["metadata"].get("remainingItemCount") or 0)
 
 
+ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
+
+
 @dataclass
 class Tracker:
     """What the watches saw: when each object was created (the create's answer) and first seen READY."""
 
-    created: dict[tuple[str, str], float] = field(default_factory=dict)
-    first_ready: dict[tuple[str, str], float] = field(default_factory=dict)
-    state: dict[tuple[str, str], str] = field(default_factory=dict)
+    created: dict[ObjectKey, float] = field(default_factory=dict)
+    first_ready: dict[ObjectKey, float] = field(default_factory=dict)
+    state: dict[ObjectKey, str] = field(default_factory=dict)
 
     def see(self, kind: str, obj: dict[str, Any]) -> None:
-        key = (kind, obj["metadata"]["name"])
+        key = (kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
         state = str((obj.get("status") or {}).get("state") or "")
         self.state[key] = state
         if state == "READY" and key not in self.first_ready:
             self.first_ready[key] = time.monotonic()
 
     def ready(self, kind: str) -> int:
-        return sum(1 for (k, _), s in self.state.items() if k == kind and s == "READY")
+        return sum(1 for key, s in self.state.items() if key[0] == kind and s == "READY")
 
     def latencies(self, kind: str | None = None) -> list[float]:
         return [
@@ -327,8 +332,8 @@ class Tracker:
         ]
 
 
-async def watch(api: Api, kind: str, ns: str, tracker: Tracker) -> None:
-    path = f"{api.server}{GROUP_PATH}/namespaces/{ns}/{kind}"
+async def watch(api: Api, kind: str, tracker: Tracker) -> None:
+    path = f"{api.server}{GROUP_PATH}/{kind}"  # every namespace
     while True:
         try:
             async with api.session.get(path) as resp:
@@ -394,8 +399,8 @@ async def fake_stats(session: aiohttp.ClientSession, port: int) -> dict[str, Any
         return result
 
 
-def rates(after: Counter[RequestKey], before: Counter[RequestKey], seconds: float) -> dict[RequestKey, float]:
-    return {k: (after[k] - before.get(k, 0.0)) / seconds for k in after if after[k] != before.get(k, 0.0)}
+def rates(after: dict[RequestKey, float], before: dict[RequestKey, float], seconds: float) -> dict[RequestKey, float]:
+    return {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items() if v != before.get(k, 0.0)}
 
 
 async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -424,33 +429,35 @@ async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str,
             print(f"baseline (no CR): {result['baseline_rps']:.1f} apiserver requests/s over {t1 - t0:.0f}s")
 
             # 2. create and watch
-            ns = f"bench-{n}"
-            await api.create("/api/v1/namespaces", {"metadata": {"name": ns}})
-            for k in range(ADDONS_PER_DEPLOYMENT):
-                await api.create(f"{GROUP_PATH}/namespaces/{ns}/modelversions", model_version(k))
+            spaces = [f"bench-{n}-{j}" for j in range(min(args.namespaces, n))]
+            for ns in spaces:
+                await api.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+                for k in range(ADDONS_PER_DEPLOYMENT):
+                    await api.create(f"{GROUP_PATH}/namespaces/{ns}/modelversions", model_version(k))
             tracker = Tracker()
-            watches = [asyncio.create_task(watch(api, kind, ns, tracker)) for kind in ("deployments", "loraaddons")]
+            watches = [asyncio.create_task(watch(api, kind, tracker)) for kind in ("deployments", "loraaddons")]
             await asyncio.sleep(1)
             sem = asyncio.Semaphore(args.concurrency)
             created: Counter[str] = Counter()
 
-            async def make(kind: str, body: dict[str, Any]) -> None:
+            async def make(kind: str, ns: str, body: dict[str, Any]) -> None:
                 async with sem:
                     await api.create(f"{GROUP_PATH}/namespaces/{ns}/{kind}", body)
-                    tracker.created[(kind, body["metadata"]["name"])] = time.monotonic()
+                    tracker.created[(kind, ns, body["metadata"]["name"])] = time.monotonic()
                     created[kind] += 1
 
-            def bodies() -> list[tuple[str, dict[str, Any]]]:
+            def bodies() -> list[tuple[str, str, dict[str, Any]]]:
                 out = []
                 for i in range(n):
-                    out.append(("deployments", deployment(i)))
-                    out += [("loraaddons", addon(i, k)) for k in range(ADDONS_PER_DEPLOYMENT)]
+                    ns = spaces[i % len(spaces)]  # Deployment i and its addons share a namespace
+                    out.append(("deployments", ns, deployment(i)))
+                    out += [("loraaddons", ns, addon(i, k)) for k in range(ADDONS_PER_DEPLOYMENT)]
                 return out
 
             c_create = await api.request_counts()
             t_create = time.monotonic()
             cpu_create = proc_cpu_seconds(op_pid)
-            creating = asyncio.ensure_future(asyncio.gather(*(make(kind, b) for kind, b in bodies())))
+            creating = asyncio.ensure_future(asyncio.gather(*(make(kind, ns, b) for kind, ns, b in bodies())))
             converged_at: float | None = None
             last_print = 0.0
             n_addons = n * ADDONS_PER_DEPLOYMENT
@@ -479,7 +486,7 @@ async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str,
                         flush=True,
                     )
                 if now - t_create > args.timeout:
-                    states = Counter(s or "(none)" for (k, _), s in tracker.state.items() if k == "loraaddons")
+                    states = Counter(s or "(none)" for key, s in tracker.state.items() if key[0] == "loraaddons")
                     print(
                         f"  NOT converged after {args.timeout:.0f}s: READY {ready_d}/{n} deployments, "
                         f"{ready_a}/{n_addons} addons (addon states {dict(states)}); measuring anyway",
@@ -499,7 +506,7 @@ async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str,
             # requests during creation and convergence beyond the baseline and the benchmark's own
             conv_s = time.monotonic() - t_create
             own = sum(created.values()) + 2 * 2  # the creates; each watch's list + watch
-            extra = sum((c_converged - c_create).values()) - result["baseline_rps"] * conv_s - own
+            extra = sum(c_converged.values()) - sum(c_create.values()) - result["baseline_rps"] * conv_s - own
             result["converge_calls_per_object"] = extra / total
 
             # 3. idle window
@@ -621,6 +628,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=float, default=30.0, help="seconds of the baseline before any CR")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds to wait before baseline and idle")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for convergence per size")
+    parser.add_argument(
+        "--namespaces", type=int, default=1, help="spread the Deployments (with their addons) over this many namespaces"
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="creates in flight at once")
     parser.add_argument("--top", type=int, default=8, help="verb/resource lines to print")
     parser.add_argument("--workdir", help="where the control planes and logs go (default: a temporary dir)")
