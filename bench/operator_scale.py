@@ -277,6 +277,8 @@ class Api:
             for s in family.samples:
                 if s.name == "apiserver_request_total":
                     resource = s.labels.get("resource") or "(non-resource)"
+                    if s.labels.get("group"):  # deployments.apps vs our deployments.serving.loraserve.dev
+                        resource += "." + s.labels["group"]
                     if s.labels.get("subresource"):
                         resource += "/" + s.labels["subresource"]
                     key = (s.labels.get("verb", "?"), resource)
