@@ -32,6 +32,7 @@ import yaml
 from tests.fixtures.wait import wait_for
 
 from loraserve.local.cluster import LocalCluster, free_port
+from loraserve.peering import PAUSED, RESUMED, STANDING_BY
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "loraserve"
@@ -85,6 +86,13 @@ def rendered_container(manifests: list[dict[str, Any]], name: str) -> tuple[dict
             pod["_replicas"] = doc["spec"].get("replicas", 1)
             return pod["containers"][0], pod
     raise AssertionError(f"the chart rendered no Deployment {name}")
+
+
+def operator_acting(log: str) -> bool:
+    """Whether the operator writing this log (appended to across restarts) acts now: its last start stood
+    by (Kopf peering), then it resumed and has not paused since."""
+    tail = log[max(log.rfind(STANDING_BY), 0) :]
+    return tail.rfind(RESUMED) > tail.rfind(PAUSED)
 
 
 @dataclass

@@ -25,11 +25,12 @@ import yaml
 
 from e2e.conftest import TIMINGS
 from e2e.dashboard import dashboard_metric_names, exported_names
-from e2e.harness import CHART, RELEASE, RUN_POOL_PLACEMENT, SYSTEM_NS, Product, run_helm, wait_for
+from e2e.harness import CHART, RELEASE, RUN_POOL_PLACEMENT, SYSTEM_NS, Product, operator_acting, run_helm, wait_for
 from loraserve.addons import pool_name
 from loraserve.api.naming import base_model_name
 from loraserve.digest import directory_digest
 from loraserve.tokens import ModelServerTokens
+from loraserve.vllm.metrics import parse_metrics
 
 API = "serving.loraserve.dev/v1alpha1"
 PROMPT = "the river and the"
@@ -114,9 +115,7 @@ def acting_operators(product: Product) -> list[int]:
     for i, op in enumerate(product.operators):
         if not op.running:
             continue
-        log = op.log_text()
-        paused, resumed = log.rfind("Pausing operations in favour of"), log.rfind("Resuming operations")
-        if paused < 0 or resumed > paused:
+        if operator_acting(op.log_text()):
             acting.append(i)
     return acting
 
@@ -447,9 +446,56 @@ def test_scales_up_to_two_under_load_and_back_to_one(product: Product, user_name
         message="coder loaded on 2 replicas",
     )
     assert len(ready_pod_ips(product, ns, "multi")) == 2
+    streams_survive_their_replica_being_deleted(product, ns, model)
     wait_for(lambda: spec_replicas(product, ns, "multi") == 1, timeout=300, interval=0.5, message="scale down to 1")
     assert "ScaleDown" in status(product, ns, "lsd", "multi")["scaleReason"]
     seen["last_request"] = status(product, ns, "lsd", "multi")["lastRequestTime"]
+
+
+def streams_survive_their_replica_being_deleted(product: Product, ns: str, model: str) -> None:
+    """A replica deleted (a node drain, an eviction, a scale-down) while it streams: its preStop hook drains
+    it, so the streams it started finish whole, and the router sends nothing new to it meanwhile."""
+    tokens = 200
+    chunks = [0, 0]
+    errors: list[Exception] = []
+
+    def stream(i: int) -> None:
+        try:
+            for _ in client(product).completions.create(
+                model=model,
+                prompt=PROMPT,
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            ):
+                chunks[i] += 1
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: min(chunks) >= 1 or errors, timeout=120, interval=0.05, message="both streams flowing")
+    pods = get(product, ns, "pods", "-l", "serving.loraserve.dev/deployment=multi")["items"]
+    busy = next(p for p in pods if vllm_load(p["status"].get("podIP")) > 0)
+    product.cluster.kubectl("delete", "pod", busy["metadata"]["name"], "-n", ns, "--wait=false")
+    during = complete(product, model)  # a new request meanwhile goes to the replica that stays
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors
+    assert chunks == [tokens, tokens]  # whole: the deleted replica finished what it had started
+    assert during[1]
+
+
+def vllm_load(ip: str | None) -> int:
+    if not ip:
+        return 0
+    try:
+        with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=5) as resp:
+            return parse_metrics(resp.read().decode()).load
+    except (OSError, ValueError):
+        return 0
 
 
 def test_a_missing_rbac_rule_fails_the_matching_path_with_403(

@@ -220,3 +220,92 @@ def pool_gc(
     if now - recent < grace:
         return PoolVerdict(False, f"used {now - recent:.0f}s ago (grace {grace:.0f}s)")
     return PoolVerdict(True, f"no addon left and no request for {now - recent:.0f}s")
+
+
+def warm_until(retired: Mapping[str, str], grace: timedelta) -> list[datetime]:
+    """When each version kept warm after leaving the targets is unloaded."""
+    return [datetime.fromisoformat(left.replace("Z", "+00:00")) + grace for left in retired.values()]
+
+
+def next_look(
+    now: datetime,
+    *,
+    resync: float,
+    idle_at: datetime | None = None,
+    warm_until: list[datetime] | None = None,
+    retry_at: list[datetime] | None = None,
+    sample_every: float | None = None,
+) -> float:
+    """Seconds until the addon must be looked at again when nothing changes around it: the slow resync, the
+    moment it turns idle, a warm version's grace ends, a failed load is retried, or the automatic rollback
+    takes its next sample of the routers' counters. Events (its spec, its replicas, its ModelVersions, a
+    request held for it) wake it sooner."""
+    due = [resync]
+    if sample_every is not None:
+        due.append(sample_every)
+    for moment in [idle_at, *(warm_until or []), *(retry_at or [])]:
+        if moment is not None:
+            due.append((moment - now).total_seconds())
+    return max(0.0, min(due))
+
+
+@dataclass(frozen=True)
+class Idleness:
+    idle: bool  # no request for idle_after and none in flight: unload everything
+    last_request: float  # epoch seconds: the latest activity seen (now, while a request is in flight)
+    woken: bool  # it was unloaded and is wanted again: a fresh idle period starts now
+    idle_at: float | None  # when it turns idle if nothing more happens (None: it is idle)
+
+
+def idleness(
+    now: float,
+    seen: list[float | None],
+    idle_after: float,
+    in_flight: float,
+    previous_state: str | None,
+) -> Idleness:
+    """`seen`: what marks activity (the routers' last request, status.lastRequestTime, creation, loadedAt).
+    A request in flight (a held one, for an unloaded adapter) is activity now."""
+    last = max((t for t in seen if t is not None), default=now)
+    if in_flight > 0:
+        last = max(last, now)
+    idle = now - last >= idle_after
+    if idle:
+        return Idleness(True, last, False, None)
+    woken = previous_state == "UNLOADED"
+    return Idleness(False, last, woken, (now if woken else last) + idle_after)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str
+    reason: str
+    message: str
+    ready: bool
+    reconciling: bool
+    stalled: bool
+
+
+def verdict(failures: list[Refusal], idle: bool, idle_after: float, loaded: int, total: int) -> Verdict:
+    """The addon's state from what this round did: failures first, then idle, then readiness."""
+    if failures:
+        message = "; ".join(f.message for f in failures[:3])
+        return Verdict("FAILED" if loaded == 0 else "LOADING", failures[0].reason, message, False, False, True)
+    if idle:
+        message = f"no request for {idle_after:.0f}s: unloaded; the next request loads it again"
+        return Verdict("UNLOADED", "IdleUnloaded", message, True, False, False)
+    if total == 0:
+        message = "no ready replica: adapters load on each replica as it becomes ready"
+        return Verdict("PENDING", "NoReadyReplicas", message, True, False, False)
+    message = f"loaded on {loaded}/{total} ready replicas"
+    if loaded < total:
+        return Verdict("LOADING", "Loading", message, False, True, False)
+    return Verdict("READY", "AdaptersLoaded", message, True, False, False)
+
+
+def capacity(served_versions: int, max_loras: int) -> tuple[bool, str, str]:
+    """(over, reason, message) for the OverCapacity condition: more versions than maxLoras works (vLLM swaps
+    them) but costs latency."""
+    over = served_versions > max_loras
+    reason = "AdaptersExceedMaxLoras" if over else "WithinMaxLoras"
+    return over, reason, f"{served_versions} adapter versions for {max_loras} GPU slots (maxLoras)"

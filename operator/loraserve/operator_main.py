@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from typing import Any
 
 import kopf
 
+from loraserve import peering
 from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
 from loraserve.handlers.deployment import model_server_tokens
 from loraserve.kube import load_config
+from loraserve.settings import OperatorSettings, operator_settings, use_settings
 
 PEERING_NAME = "loraserve"
 
@@ -23,10 +26,17 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         logging.getLogger(__name__).warning(
             "no LORASERVE_MODEL_SERVER_KEY_FILE: model servers accept requests from anyone who reaches them"
         )
-    # Two replicas must never both act: Kopf peering lets only the highest priority operate; a random
-    # priority makes the winner unique without configuration.
+    # Two replicas must never both act: Kopf peering lets only the highest priority operate, the eldest
+    # replica (see loraserve.peering); a killed one is replaced within the keep-alive lifetime.
     settings.peering.name = PEERING_NAME
-    settings.peering.priority = random.randint(1, 2**31 - 1)
+    settings.peering.priority = peering.priority(time.time(), random.randrange(2**peering.TIEBREAK_BITS))
+    settings.peering.lifetime = operator_settings().peering_lifetime
+    # Start paused until the peers are read: a replica (re)starting beside a leader never acts meanwhile.
+    settings.peering.mandatory = not settings.peering.standalone
+    if settings.peering.mandatory:  # Kopf logs "Resuming operations" once this replica acts
+        logging.getLogger(__name__).info(
+            f"peering {PEERING_NAME!r} (lifetime {settings.peering.lifetime}s): {peering.STANDING_BY}"
+        )
     settings.posting.level = logging.INFO
     settings.persistence.finalizer = "serving.loraserve.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="serving.loraserve.dev")
@@ -37,6 +47,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def run(namespaces: list[str] | None = None, standalone: bool = False, liveness: str | None = None) -> None:
     try:  # a bad setting stops the start with its reason (Kopf would retry a failing startup handler forever)
+        use_settings(OperatorSettings.from_env())
         model_server_tokens()
     except (OSError, ValueError) as exc:
         raise SystemExit(f"loraserve operator cannot start: {exc}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e.harness import rendered_container, service_account_kubeconfig
+from e2e.harness import operator_acting, rendered_container, service_account_kubeconfig
 
 from loraserve.local.cluster import LocalCluster
 from tests.integration.conftest import wait_for
@@ -20,8 +20,7 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "loraserve"
 
 
 def paused(log: Path) -> bool:
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return text.rfind("Pausing operations in favour of") > text.rfind("Resuming operations")
+    return not operator_acting(log.read_text(errors="replace") if log.exists() else "")
 
 
 def test_two_namespaced_operators_one_acts(cluster: LocalCluster, namespace: str, tmp_path: Path) -> None:
@@ -58,7 +57,7 @@ def test_two_namespaced_operators_one_acts(cluster: LocalCluster, namespace: str
             procs[acting].kill()
             procs[acting].wait()
             standby = 1 - acting
-            # Kopf's peering lifetime is 60 s: a killed peer stops counting when it is that stale.
+            # a killed peer stops counting once its keep-alive is older than the peering lifetime (10 s)
             wait_for(lambda: not paused(logs[standby]), timeout=120, interval=1, message="the standby resumes")
         finally:
             for proc in procs:

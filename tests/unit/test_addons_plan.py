@@ -161,3 +161,70 @@ def test_a_version_leaving_the_targets_stays_loaded_for_the_grace_then_goes() ->
     (step,) = plan("bot", [v1], set(later), [replica])
     assert step.unload == ["bot-v2"]
     assert keep_warm(warm, ["bot-v1"], set(), t0, grace, idle=True) == {}  # idle: everything goes
+
+
+def test_next_look_is_the_earliest_deadline() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from loraserve.addons import keep_warm, next_look, warm_until
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    grace = timedelta(minutes=10)
+    # v1 left the targets 4 minutes ago: it stays warm 6 more minutes, then the addon must look again.
+    retired = keep_warm({"bot-v1": "2026-01-01T11:56:00Z"}, ["bot-v1", "bot-v2"], {"bot-v2"}, now, grace, False)
+    assert next_look(now, resync=3600, warm_until=warm_until(retired, grace)) == 360
+    later = now + timedelta(minutes=6)
+    assert keep_warm(retired, ["bot-v2"], {"bot-v2"}, later, grace, False) == {}  # unloaded when it looks
+    # an idle deadline, a retry and a rollback sample compete; the earliest wins; past deadlines mean now
+    assert next_look(now, resync=300, idle_at=now + timedelta(seconds=90)) == 90
+    assert next_look(now, resync=300, retry_at=[now + timedelta(seconds=4), now + timedelta(seconds=8)]) == 4
+    assert next_look(now, resync=300, sample_every=2.0, idle_at=now + timedelta(hours=1)) == 2.0
+    assert next_look(now, resync=300, idle_at=now - timedelta(seconds=5)) == 0.0
+    assert next_look(now, resync=300) == 300
+
+
+def test_idleness_unloads_after_the_window_and_a_request_wakes_it() -> None:
+    from loraserve.addons import idleness
+
+    hour = 3600.0
+    created, now = 1_000_000.0, 1_000_000.0 + 5 * hour
+    # no request since creation, window 4 h: idle
+    quiet = idleness(now, [None, None, created, None], 4 * hour, 0.0, "READY")
+    assert quiet.idle
+    assert quiet.idle_at is None
+    # a request an hour ago: not idle, turns idle 4 h after it
+    busy = idleness(now, [now - hour, None, created, None], 4 * hour, 0.0, "READY")
+    assert not busy.idle
+    assert busy.idle_at == now + 3 * hour
+    # unloaded, and a request is held for it: woken, a fresh idle period starts now
+    held = idleness(now, [None, created, created, None], 4 * hour, 1.0, "UNLOADED")
+    assert not held.idle
+    assert held.woken
+    assert held.last_request == now
+    assert held.idle_at == now + 4 * hour
+    # still unloaded, nothing new: stays idle, not woken
+    still = idleness(now, [None, created, created, None], 4 * hour, 0.0, "UNLOADED")
+    assert still.idle
+    assert not still.woken
+
+
+def test_verdict_order_failures_then_idle_then_readiness() -> None:
+    from loraserve.addons import Refusal, verdict
+
+    failed = verdict([Refusal("AdapterFetchFailed", "bot-v1 on pod-a: 404")], False, 60, 0, 2)
+    assert (failed.state, failed.reason, failed.stalled) == ("FAILED", "AdapterFetchFailed", True)
+    partly = verdict([Refusal("AdapterLoadFailed", "x")], False, 60, 1, 2)
+    assert partly.state == "LOADING"
+    assert verdict([], True, 60, 0, 2).state == "UNLOADED"
+    assert verdict([], False, 60, 0, 0).state == "PENDING"
+    loading = verdict([], False, 60, 1, 2)
+    assert (loading.state, loading.reconciling, loading.message) == ("LOADING", True, "loaded on 1/2 ready replicas")
+    ready = verdict([], False, 60, 2, 2)
+    assert (ready.state, ready.ready, ready.reconciling, ready.stalled) == ("READY", True, False, False)
+
+
+def test_capacity() -> None:
+    from loraserve.addons import capacity
+
+    assert capacity(4, 4) == (False, "WithinMaxLoras", "4 adapter versions for 4 GPU slots (maxLoras)")
+    assert capacity(5, 4)[:2] == (True, "AdaptersExceedMaxLoras")

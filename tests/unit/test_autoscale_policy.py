@@ -674,3 +674,39 @@ def test_stockout_does_not_oscillate(load: int, cap: int, freed_at: int | None, 
         current = d.replicas
         seen.append(current)
     assert direction_changes(seen) == 0
+
+
+# ---- takeover: a new operator replica rebuilds the clocks from status and the router ---------------------
+
+
+def test_takeover_counts_requests_served_while_no_operator_acted() -> None:
+    old = make()
+    old.observe(T0 + 1000, 0, 1, last_request_at=T0 + 1000)  # persisted as status.lastRequestTime
+    # the leader dies; the router serves requests meanwhile (last one at T0 + 1500); a standby takes over with
+    # no previous request count to compare, so its first sample counts no arrivals
+    new = ScalingPolicy.restore(old.settings, {"createdAt": T0, "lastRequestTime": old.last_request_time})
+    new.observe(T0 + 1510, 0, 0, last_request_at=T0 + 1500)
+    assert new.zero_deadline() == T0 + 1500 + ZERO
+    assert new.desired(T0 + 1000 + ZERO, 1) == Decision(1, Reason.STABLE, "")  # the persisted clock alone: zero
+    assert new.desired(T0 + 1500 + ZERO, 1).replicas == 0
+
+
+def test_a_router_series_older_than_the_deployment_does_not_wake_it() -> None:
+    p = make()  # never requested: asleep from creation
+    p.observe(T0 + 10, 0, 0, last_request_at=T0 - 5)  # a request to an earlier object of the same name
+    assert p.last_request_time is None
+    assert p.desired(T0 + 10, 0) == Decision(0, Reason.SCALED_TO_ZERO, "no request since creation 10s ago")
+
+
+def test_takeover_within_a_down_window_scales_down_no_earlier() -> None:
+    old = make(min_replicas=1, down=DOWN)
+    feed(old, T0, T0 + 100, 32, requests=1)  # 4 replicas' worth
+    feed(old, T0 + 101, T0 + 400, 0)  # idle since T0 + 101: the old leader would scale down at T0 + 101 + DOWN
+    assert old.desired(T0 + 400, 4).replicas == 4
+    new = ScalingPolicy.restore(old.settings, {"createdAt": T0, "lastRequestTime": old.last_request_time})
+    for now in range(int(T0) + 405, int(T0 + 101 + DOWN) + 1):
+        new.observe(now, 0)
+        assert new.desired(now, 4).replicas == 4, now
+    # it scales down once it has watched a whole window itself
+    feed(new, T0 + 101 + DOWN, T0 + 405 + DOWN, 0)
+    assert new.desired(T0 + 405 + DOWN, 4) == Decision(1, Reason.SCALE_DOWN, f"load asked for <= 1 through {DOWN:g}s")

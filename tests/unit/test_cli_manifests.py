@@ -136,7 +136,7 @@ def test_live_merge_manifest() -> None:
         (m.DeploymentOptions(max_loras=4), "spec.maxLoras: only applies with enableAddons"),
         (
             m.DeploymentOptions(long_prompt=True, accelerator_count=1),
-            "spec.acceleratorCount: longPrompt needs at least 2",
+            "spec.acceleratorCount: longPrompt needs acceleratorCount of at least 2",
         ),
         (m.DeploymentOptions(extra_args=("--port=1",)), "spec.extraArgs: --port is set by the operator"),
     ],

@@ -6,16 +6,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from loraserve.api.common import (
     API_VERSION,
     DNS1123_PATTERN,
     ApiModel,
     Condition,
-    cel,
+    CrossFieldRule,
     check_duration,
+    check_rules,
     duration_field,
+    validations,
 )
 
 MAX_TARGETS = 10
@@ -33,7 +35,7 @@ class AddonTarget(ApiModel):
     model_version: str = Field(
         description="A ModelVersion in the same namespace.", pattern=DNS1123_PATTERN, max_length=253
     )
-    weight: int = Field(description="Percent of this addon's traffic (all weights sum to 100).", ge=0, le=100)
+    weight: StrictInt = Field(description="Percent of this addon's traffic (all weights sum to 100).", ge=0, le=100)
 
 
 # Re-arms a fired automatic rollback: set it to a new value (any text, e.g. a timestamp) to route by the spec's
@@ -58,20 +60,20 @@ class AutoRollback(ApiModel):
         pattern=DNS1123_PATTERN,
         max_length=253,
     )
-    max_error_rate: float = Field(
+    max_error_rate: StrictFloat = Field(
         description="Error fraction (0-1; HTTP 5xx answers, the router's own included) of a non-control version "
         "over the window that triggers rollback, when it is also above control's error rate.",
         ge=0,
         le=1,
     )
-    max_ttft_p95_ratio: float | None = Field(
+    max_ttft_p95_ratio: StrictFloat | None = Field(
         None,
         description="Optional: roll back when a non-control version's p95 time to first token over the window is "
         "more than this many times control's (control needs minRequests too).",
         ge=1,
         le=1000,
     )
-    max_latency_p95_ratio: float | None = Field(
+    max_latency_p95_ratio: StrictFloat | None = Field(
         None,
         description="Optional: roll back when a non-control version's p95 request latency over the window is "
         "more than this many times control's (control needs minRequests too).",
@@ -79,7 +81,9 @@ class AutoRollback(ApiModel):
         le=1000,
     )
     window: str = duration_field("5m", "Go duration the error rate and latencies are measured over.")
-    min_requests: int = Field(20, description="Requests a version needs in the window before the rule judges it.", ge=1)
+    min_requests: StrictInt = Field(
+        20, description="Requests a version needs in the window before the rule judges it.", ge=1
+    )
 
     @field_validator("window")
     @classmethod
@@ -87,20 +91,28 @@ class AutoRollback(ApiModel):
         return check_duration(value)
 
 
+ADDON_RULES = (
+    CrossFieldRule(
+        "self.targets.map(t, t.weight).sum() == 100",
+        "weights must sum to 100",
+        ".targets",
+        lambda s: sum(t.weight for t in s.targets) == 100,
+    ),
+    CrossFieldRule(
+        "!has(self.autoRollback) || !has(self.autoRollback.control) || "
+        "self.targets.exists(t, t.modelVersion == self.autoRollback.control)",
+        "must be one of the targets' modelVersion",
+        ".autoRollback.control",
+        lambda s: (
+            not (s.auto_rollback and s.auto_rollback.control)
+            or s.auto_rollback.control in {t.model_version for t in s.targets}
+        ),
+    ),
+)
+
+
 class LoraAddonSpec(ApiModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel("self.targets.map(t, t.weight).sum() == 100", "targets weights must sum to 100", ".targets"),
-                cel(
-                    "!has(self.autoRollback) || !has(self.autoRollback.control) || "
-                    "self.targets.exists(t, t.modelVersion == self.autoRollback.control)",
-                    "must be one of the targets' modelVersion",
-                    ".autoRollback.control",
-                ),
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=validations(ADDON_RULES))
 
     deployment: str | None = Field(
         None,
@@ -131,13 +143,10 @@ class LoraAddonSpec(ApiModel):
 
     @model_validator(mode="after")
     def _weights(self) -> LoraAddonSpec:
-        if sum(t.weight for t in self.targets) != 100:
-            raise ValueError("targets: weights must sum to 100")
+        check_rules(self, ADDON_RULES)
         names = [t.model_version for t in self.targets]
-        if len(set(names)) != len(names):
+        if len(set(names)) != len(names):  # admission: the list-map key (x-kubernetes-list-map-keys)
             raise ValueError("targets: each modelVersion may appear once")
-        if self.auto_rollback and self.auto_rollback.control and self.auto_rollback.control not in names:
-            raise ValueError("autoRollback.control: must be one of the targets' modelVersion")
         return self
 
     def control(self) -> str:

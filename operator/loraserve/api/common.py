@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
@@ -35,6 +37,32 @@ def cel(rule: str, message: str, field_path: str | None = None, reason: str | No
     if reason:
         entry["reason"] = reason
     return entry
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """One cross-field rule, written once: the CEL admission runs, the same rule for Python (so the SDK, the
+    CLI and the operator refuse what admission would), and one message naming one field for both. A rule
+    with no Python form is a transition rule (it needs oldSelf): admission only."""
+
+    rule: str
+    message: str
+    field: str  # as CEL's fieldPath: ".maxReplicas"
+    holds: Callable[[Any], bool] | None
+
+    def check(self, model: Any) -> None:
+        if self.holds is not None and not self.holds(model):
+            raise ValueError(f"{self.field.lstrip('.')}: {self.message}")
+
+
+def validations(rules: Sequence[CrossFieldRule]) -> JsonDict:
+    """The `x-kubernetes-validations` of a model, from its rules."""
+    return {"x-kubernetes-validations": [cel(r.rule, r.message, r.field) for r in rules]}
+
+
+def check_rules(model: Any, rules: Sequence[CrossFieldRule]) -> None:
+    for rule in rules:
+        rule.check(model)
 
 
 class ApiModel(BaseModel):
@@ -101,7 +129,7 @@ class EnvVar(ApiModel):
                 cel("has(self.value) != has(self.valueFrom)", "set exactly one of value or valueFrom")
             ]
         }
-    )
+    )  # no fieldPath (the error names the env entry), so not a CrossFieldRule
 
     name: str = Field(description="Variable name.", pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)
     value: str | None = Field(None, description="Literal value (not for secrets: use valueFrom).")

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from loraserve.api.common import (
     API_VERSION,
@@ -15,10 +15,13 @@ from loraserve.api.common import (
     MODEL_URI_PATTERN,
     ApiModel,
     Condition,
+    CrossFieldRule,
     EnvVar,
     cel,
     check_duration,
+    check_rules,
     duration_field,
+    validations,
 )
 from loraserve.durations import MINUTE, SECOND, parse_duration
 
@@ -76,7 +79,7 @@ class Toleration(ApiModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect; empty matches every effect."
     )
-    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound.")
+    toleration_seconds: StrictInt | None = Field(None, description="For NoExecute: how long the pod stays bound.")
 
 
 class Resources(ApiModel):
@@ -86,48 +89,54 @@ class Resources(ApiModel):
     limits: ResourceList | None = Field(None, description="Upper bounds.")
 
 
+DEPLOYMENT_RULES = (
+    CrossFieldRule(
+        "has(self.baseModel) != has(self.modelVersion)",
+        "set exactly one of baseModel (multi-LoRA or plain) or modelVersion (live merge)",
+        ".baseModel",
+        lambda s: (s.base_model is None) != (s.model_version is None),
+    ),
+    CrossFieldRule(
+        "!has(self.modelVersion) || !self.enableAddons",
+        "a live-merge deployment (modelVersion) cannot also enableAddons",
+        ".enableAddons",
+        lambda s: s.model_version is None or not s.enable_addons,
+    ),
+    CrossFieldRule(
+        "!has(self.maxReplicas) || self.maxReplicas >= self.minReplicas",
+        "must be greater than or equal to minReplicas",
+        ".maxReplicas",
+        lambda s: s.max_replicas is None or s.max_replicas >= s.min_replicas,
+    ),
+    CrossFieldRule(
+        "!(self.acceleratorType == 'AMD_MI300X_192GB' && self.moe)",
+        "AMD_MI300X_192GB does not serve mixture-of-experts models (moe: true)",
+        ".acceleratorType",
+        lambda s: not (s.accelerator_type is AcceleratorType.AMD_MI300X_192GB and s.moe),
+    ),
+    CrossFieldRule(
+        "!self.longPrompt || !has(self.acceleratorCount) || self.acceleratorCount >= 2",
+        "longPrompt needs acceleratorCount of at least 2",
+        ".acceleratorCount",
+        lambda s: not s.long_prompt or s.accelerator_count is None or s.accelerator_count >= 2,
+    ),
+    CrossFieldRule(
+        "has(self.region) == has(oldSelf.region) && (!has(self.region) || self.region == oldSelf.region)",
+        "region is fixed at creation",
+        ".region",
+        None,  # a transition rule: only admission sees the old object
+    ),
+    CrossFieldRule(
+        "!has(self.maxLoras) || self.enableAddons",
+        "only applies with enableAddons",
+        ".maxLoras",
+        lambda s: s.max_loras is None or s.enable_addons,
+    ),
+)
+
+
 class DeploymentSpec(ApiModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "has(self.baseModel) != has(self.modelVersion)",
-                    "set exactly one of baseModel (multi-LoRA or plain) or modelVersion (live merge)",
-                    ".baseModel",
-                ),
-                cel(
-                    "!has(self.modelVersion) || !self.enableAddons",
-                    "a live-merge deployment (modelVersion) cannot also enableAddons",
-                    ".enableAddons",
-                ),
-                cel(
-                    "!has(self.maxReplicas) || self.maxReplicas >= self.minReplicas",
-                    "maxReplicas must be greater than or equal to minReplicas",
-                    ".maxReplicas",
-                ),
-                cel(
-                    "!(self.acceleratorType == 'AMD_MI300X_192GB' && self.moe)",
-                    "AMD_MI300X_192GB does not serve mixture-of-experts models (moe: true)",
-                    ".acceleratorType",
-                ),
-                cel(
-                    "!self.longPrompt || !has(self.acceleratorCount) || self.acceleratorCount >= 2",
-                    "longPrompt needs acceleratorCount of at least 2",
-                    ".acceleratorCount",
-                ),
-                cel(
-                    "has(self.region) == has(oldSelf.region) && (!has(self.region) || self.region == oldSelf.region)",
-                    "region is fixed at creation",
-                    ".region",
-                ),
-                cel(
-                    "!has(self.maxLoras) || self.enableAddons",
-                    "maxLoras only applies with enableAddons",
-                    ".maxLoras",
-                ),
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=validations(DEPLOYMENT_RULES))
 
     base_model: str | None = Field(
         None,
@@ -143,11 +152,13 @@ class DeploymentSpec(ApiModel):
         pattern=DNS1123_PATTERN,
         max_length=253,
     )
-    moe: bool = Field(False, description="The base model is a mixture-of-experts model (AMD_MI300X refuses them).")
-    enable_addons: bool = Field(
+    moe: StrictBool = Field(
+        False, description="The base model is a mixture-of-experts model (AMD_MI300X refuses them)."
+    )
+    enable_addons: StrictBool = Field(
         False, description="Multi-LoRA: start vLLM with --enable-lora so LoraAddons load at run time."
     )
-    max_loras: int | None = Field(
+    max_loras: StrictInt | None = Field(
         None,
         description="Adapters held in GPU memory at once (vLLM --max-loras; default 4). Only with enableAddons.",
         ge=1,
@@ -156,14 +167,14 @@ class DeploymentSpec(ApiModel):
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(
         16, description="Largest adapter rank accepted (vLLM --max-lora-rank)."
     )
-    replicas: int | None = Field(
+    replicas: StrictInt | None = Field(
         None,
         description="Desired replicas, written by the autoscaler (or kubectl scale) through the scale "
         "subresource; the operator keeps the replicas within [minReplicas, maxReplicas].",
         ge=0,
     )
-    min_replicas: int = Field(0, description="Replicas kept however idle. 0 allows scale to zero.", ge=0, le=1000)
-    max_replicas: int | None = Field(
+    min_replicas: StrictInt = Field(0, description="Replicas kept however idle. 0 allows scale to zero.", ge=0, le=1000)
+    max_replicas: StrictInt | None = Field(
         None,
         description="Upper bound for the autoscaler, at least minReplicas. "
         "Default: 1 when minReplicas is 0, else minReplicas.",
@@ -188,14 +199,14 @@ class DeploymentSpec(ApiModel):
         '"true" opts out.',
         minimum="1m",
     )
-    target_load_per_replica: int = Field(
+    target_load_per_replica: StrictInt = Field(
         8, description="Concurrent requests (running + waiting) one replica should carry.", ge=1, le=10000
     )
     accelerator_type: AcceleratorType = Field(AcceleratorType.NVIDIA_A100_80GB, description="GPU type per replica.")
     accelerator_count: Literal[1, 2, 4, 8] | None = Field(
         None, description="GPUs per replica = tensor-parallel size. Default 1, or 2 with longPrompt."
     )
-    long_prompt: bool = Field(False, description="Long-context serving: doubles GPUs per replica when unset.")
+    long_prompt: StrictBool = Field(False, description="Long-context serving: doubles GPUs per replica when unset.")
     region: str | None = Field(
         None,
         description="Node region (topology.kubernetes.io/region). Fixed at creation.",
@@ -244,21 +255,9 @@ class DeploymentSpec(ApiModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> DeploymentSpec:
-        # The same rules as the CEL above, so the SDK/CLI refuse what admission would.
-        if (self.base_model is None) == (self.model_version is None):
-            raise ValueError("baseModel: set exactly one of baseModel or modelVersion")
-        if self.model_version is not None and self.enable_addons:
-            raise ValueError("enableAddons: a live-merge deployment (modelVersion) cannot also enableAddons")
-        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
-            raise ValueError("maxReplicas: must be greater than or equal to minReplicas")
+        check_rules(self, DEPLOYMENT_RULES)
         if parse_duration(self.scale_to_zero_window) < 5 * MINUTE:
             raise ValueError(f"scaleToZeroWindow: must be at least {MIN_SCALE_TO_ZERO_WINDOW}")
-        if self.accelerator_type is AcceleratorType.AMD_MI300X_192GB and self.moe:
-            raise ValueError("acceleratorType: AMD_MI300X_192GB does not serve mixture-of-experts models")
-        if self.long_prompt and self.accelerator_count is not None and self.accelerator_count < 2:
-            raise ValueError("acceleratorCount: longPrompt needs at least 2")
-        if self.max_loras is not None and not self.enable_addons:
-            raise ValueError("maxLoras: only applies with enableAddons")
         for arg in self.extra_args:
             if arg.split("=", 1)[0] in RESERVED_VLLM_FLAGS:
                 raise ValueError(f"extraArgs: {arg.split('=', 1)[0]} is set by the operator")

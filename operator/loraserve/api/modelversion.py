@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 
 from loraserve.api.common import (
     API_VERSION,
@@ -47,13 +47,13 @@ class Adapter(ApiModel):
         "files that do not match.",
         pattern=DIGEST_PATTERN,
     )
-    rank: int | None = Field(None, description="LoRA rank r of the adapter.", ge=1, le=512)
+    rank: StrictInt | None = Field(None, description="LoRA rank r of the adapter.", ge=1, le=512)
 
 
 class Lineage(ApiModel):
     dataset_hash: str | None = Field(None, description="Digest of the training data.", max_length=256)
     hyperparameters: dict[str, str] = Field(default_factory=dict, description="Training hyperparameters.")
-    eval_scores: dict[str, float] = Field(default_factory=dict, description="Evaluation scores by name.")
+    eval_scores: dict[str, StrictFloat] = Field(default_factory=dict, description="Evaluation scores by name.")
     promoted_at: datetime | None = Field(None, description="When this version was promoted.")
     registry_uri: str | None = Field(None, description="Where the version is recorded upstream.", max_length=1024)
 

@@ -12,7 +12,8 @@ The rules (design.md, "Semantics to get exactly right"), as implemented here:
   ``now >= zero_clock + zeroWindow`` (not one tick earlier). ``zero_clock`` is the last request time (an
   arrival, or a sample with load > 0: a request in flight or waiting counts as activity, so one is never cut
   off). Until then a deployment keeps at least one replica, however idle: the down-window never takes it to
-  zero.
+  zero. The router's last-request time counts whenever it is reported, so requests served while no operator
+  acted (a restart, a takeover) still move the clock after it.
 * A minReplicas 0 deployment that has NEVER seen a request (and has no load) starts ASLEEP, at zero replicas,
   from creation on: GPUs only while there is traffic. It gets no zero window after creation (idle garbage
   collection, :func:`idle_gc_due`, still counts from creation for it).
@@ -146,14 +147,21 @@ class ScalingPolicy:
         """One metrics sample: `load` = in-flight + waiting requests now; `requests_since_last` > 0 means
         requests arrived since the previous sample (at `last_request_at` if the router says when, else now).
         A sample with load > 0 also counts as request activity at `now` (requests are in flight or waiting).
+
+        `last_request_at` (the router's last-request time) counts even with no arrivals counted: the first
+        sample after a restart or a takeover has no previous count to compare, and requests served while no
+        operator was acting must still move the zero clock. A time before creation (a router series left from
+        an earlier object of the same name) does not count.
         """
         if load < 0 or not math.isfinite(load):
             raise ValueError(f"load must be a finite number >= 0, got {load!r}")
         if self._last_seen is not None and now < self._last_seen:
             self._samples.clear()  # the clock stepped back: restart the history rather than trust it
         self._last_seen = now
-        if requests_since_last > 0:
-            self.record_request(last_request_at if last_request_at is not None else now)
+        if last_request_at is not None and last_request_at >= self.created_at:
+            self.record_request(last_request_at)
+        elif requests_since_last > 0:
+            self.record_request(now)
         if load > 0:
             self.record_request(now)  # requests in flight or waiting now: the deployment is in use
         self._last_load = load

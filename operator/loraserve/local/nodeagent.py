@@ -156,6 +156,7 @@ class NodeAgent:
         # The pods' namespaces are named after the bridge: a known name lets a supervisor find them again.
         self.bridge = Bridge(bridge or f"lsbr{secrets.token_hex(2)}") if run_dir else None
         self.runners: dict[str, PodRunner] = {}
+        self.terminating: set[str] = set()  # pod uids deleted through the API, stopping in their grace period
         self.pool = pool
 
     # -- nodes --------------------------------------------------------------------------------------------
@@ -229,12 +230,19 @@ class NodeAgent:
     # -- pods that really run ------------------------------------------------------------------------------
     def _handle_real_pod(self, pod: Any, node: Any) -> None:
         uid = pod.metadata.uid
+        if uid in self.terminating:
+            return  # its preStop hooks and grace period are running
         runner = self.runners.get(uid)
         if pod.metadata.deletion_timestamp is not None:
-            if runner is not None:
-                self.runners.pop(uid, None)
-                runner.stop()
-            self._remove(pod)
+            if runner is None:
+                self._remove(pod)
+                return
+            self.runners.pop(uid, None)
+            self.terminating.add(uid)
+            grace = pod.metadata.deletion_grace_period_seconds
+            if grace is None:
+                grace = pod.spec.termination_grace_period_seconds or 30
+            threading.Thread(target=self._terminate, args=(runner, pod, float(grace)), daemon=True).start()
             return
         if runner is not None:
             return
@@ -254,6 +262,14 @@ class NodeAgent:
         )
         self.runners[uid] = runner
         runner.start()
+
+    def _terminate(self, runner: PodRunner, pod: Any, grace: float) -> None:
+        """A deleted pod: its preStop hooks and grace period, then the object goes (off the watch thread)."""
+        try:
+            runner.stop(grace)
+            self._remove(pod)
+        finally:
+            self.terminating.discard(pod.metadata.uid)
 
     def forget_deleted(self, pod: Any) -> None:
         runner = self.runners.pop(pod.metadata.uid, None)

@@ -167,13 +167,58 @@ class PodRunner:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Stop the pod. With `grace` (the pod was deleted through the API), in the kubelet's order: report it
+        not ready, run each container's preStop hook, then SIGTERM, and SIGKILL what is left when the grace
+        period is over. Without it (the node going away), SIGTERM at once."""
         self.stopped.set()
+        deadline = time.monotonic() + (grace if grace is not None else 15.0)
+        if grace is not None:
+            for state in self.containers:
+                state.ready = False
+            self.on_change(self)
+            hooks = [  # the kubelet runs a preStop hook only in a container that is running
+                threading.Thread(target=self._pre_stop, args=(container, deadline), daemon=True)
+                for container, state in zip(self.pod["spec"]["containers"], self.containers, strict=True)
+                if ((container.get("lifecycle") or {}).get("preStop") or {}).get("exec")
+                and state.process is not None
+                and state.process.poll() is None
+            ]
+            for hook in hooks:
+                hook.start()
+            for hook in hooks:
+                hook.join(max(0.0, deadline - time.monotonic()))
         for state in self.containers + self.init:
-            self._kill(state)
+            self._kill(state, max(1.0, deadline - time.monotonic()))
         self.thread.join(30)
         self.network.delete()
         shutil.rmtree(self.pod_dir, ignore_errors=True)
+
+    def _pre_stop(self, container: dict[str, Any], deadline: float) -> None:
+        argv = local_command({"command": container["lifecycle"]["preStop"]["exec"]["command"]}, self.vllm_python)
+        if argv is None:
+            log.warning(
+                "pod %s: no local program for the preStop hook of %s", self.pod["metadata"]["name"], container["name"]
+            )
+            return
+        mounts = self._mounts(container)
+        argv = [argv[0], *(rewrite_paths(a, mounts) for a in argv[1:])]
+        with open(self.pod_dir / f"{container['name']}.prestop.log", "ab") as out:
+            try:
+                subprocess.run(
+                    ["ip", "netns", "exec", self.network.netns, *argv],
+                    env=self._env(container, mounts),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=self.pod_dir,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "pod %s: preStop of %s outlived the grace period", self.pod["metadata"]["name"], container["name"]
+                )
 
     def _mounts(self, container: dict[str, Any]) -> dict[str, str]:
         out = {}
@@ -244,13 +289,13 @@ class PodRunner:
         )
 
     @staticmethod
-    def _kill(state: ContainerState) -> None:
+    def _kill(state: ContainerState, grace: float = 15.0) -> None:
         proc = state.process
         if proc is None or proc.poll() is not None:
             return
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
