@@ -605,7 +605,8 @@ def print_summary(results: list[dict[str, Any]]) -> None:
         first, last = results[0], results[-1]
         a, b = first["operator_rps"] / first["objects"], last["operator_rps"] / last["objects"]
         ratio = f"{b / a:.2f}" if a > 0 else "n/a"
-        print(f"idle API calls per object, N={last['n']} vs N={first['n']}: {ratio}x (goal: flat, ideally 0)")
+        note = "" if first["converged"] and last["converged"] else " (a size did not converge: not comparable)"
+        print(f"idle API calls per object, N={last['n']} vs N={first['n']}: {ratio}x (goal: flat, ideally 0){note}")
 
 
 async def main_async(args: argparse.Namespace) -> None:
