@@ -134,9 +134,11 @@ async def deployment_autoscaler(
                 if policy.last_request_time is not None:
                     # Rounded up to the second status keeps: a successor's zero clock is never earlier.
                     new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
-                if new_status or now - last_written >= STATUS_EVERY:
-                    new_status["gpuSeconds"] = round(meter.total, 1)
-                    changed = {k: v for k, v in new_status.items() if written.get(k) != v}
+                changed = {k: v for k, v in new_status.items() if written.get(k) != v}
+                # The meter alone moves every tick: it rides along with another change, or once a minute.
+                if changed or now - last_written >= STATUS_EVERY:
+                    if written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
+                        changed["gpuSeconds"] = gpu
                     if changed:
                         await asyncio.to_thread(_patch_status, namespace, name, changed)
                         written.update(changed)
