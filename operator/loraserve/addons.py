@@ -220,3 +220,30 @@ def pool_gc(
     if now - recent < grace:
         return PoolVerdict(False, f"used {now - recent:.0f}s ago (grace {grace:.0f}s)")
     return PoolVerdict(True, f"no addon left and no request for {now - recent:.0f}s")
+
+
+def warm_until(retired: Mapping[str, str], grace: timedelta) -> list[datetime]:
+    """When each version kept warm after leaving the targets is unloaded."""
+    return [datetime.fromisoformat(left.replace("Z", "+00:00")) + grace for left in retired.values()]
+
+
+def next_look(
+    now: datetime,
+    *,
+    resync: float,
+    idle_at: datetime | None = None,
+    warm_until: list[datetime] | None = None,
+    retry_at: list[datetime] | None = None,
+    sample_every: float | None = None,
+) -> float:
+    """Seconds until the addon must be looked at again when nothing changes around it: the slow resync, the
+    moment it turns idle, a warm version's grace ends, a failed load is retried, or the automatic rollback
+    takes its next sample of the routers' counters. Events (its spec, its replicas, its ModelVersions, a
+    request held for it) wake it sooner."""
+    due = [resync]
+    if sample_every is not None:
+        due.append(sample_every)
+    for moment in [idle_at, *(warm_until or []), *(retry_at or [])]:
+        if moment is not None:
+            due.append((moment - now).total_seconds())
+    return max(0.0, min(due))

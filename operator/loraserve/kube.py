@@ -52,10 +52,9 @@ class Kube:
     def get_service(self, name: str, namespace: str) -> dict[str, Any] | None:
         return self._get(self.core.read_namespaced_service, name, namespace)
 
-    def apply_deployment_child(self, manifest: dict[str, Any]) -> bool:
-        """Server-side apply when the live object differs from what we want; True if it was written."""
+    def apply_deployment_child(self, manifest: dict[str, Any], live: dict[str, Any] | None) -> bool:
+        """Server-side apply when the live object (as last seen) differs from what we want; True if written."""
         meta = manifest["metadata"]
-        live = self.get_deployment_child(meta["name"], meta["namespace"])
         if live is not None:
             live_hash = (live["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
             if (
@@ -96,9 +95,14 @@ class Kube:
         return True
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        return self.list_pods_versioned(namespace, selector)[0]
+
+    def list_pods_versioned(self, namespace: str, selector: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+        """The pods and the list's resourceVersion (to merge with watch events that came meanwhile)."""
         label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
         pods = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
-        return [self.api.sanitize_for_serialization(p) for p in pods.items]
+        version = pods.metadata.resource_version or "0"
+        return [self.api.sanitize_for_serialization(p) for p in pods.items], int(version) if version.isdigit() else 0
 
     def get_custom(self, plural: str, name: str, namespace: str) -> dict[str, Any] | None:
         try:

@@ -12,6 +12,7 @@ import kopf
 from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
 from loraserve.handlers.deployment import model_server_tokens
 from loraserve.kube import load_config
+from loraserve.settings import OperatorSettings, use_settings
 
 PEERING_NAME = "loraserve"
 
@@ -37,6 +38,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def run(namespaces: list[str] | None = None, standalone: bool = False, liveness: str | None = None) -> None:
     try:  # a bad setting stops the start with its reason (Kopf would retry a failing startup handler forever)
+        use_settings(OperatorSettings.from_env())
         model_server_tokens()
     except (OSError, ValueError) as exc:
         raise SystemExit(f"loraserve operator cannot start: {exc}") from None

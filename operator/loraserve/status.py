@@ -23,7 +23,8 @@ class Observed:
     pods: list[dict[str, Any]]
 
 
-def _condition(type_: str, status: bool, reason: str, message: str, generation: int, now: str) -> dict[str, Any]:
+def condition(type_: str, status: bool, reason: str, message: str, generation: int, now: str) -> dict[str, Any]:
+    """Every condition the operator writes (Deployments and LoraAddons) is built here."""
     return {
         "type": type_,
         "status": "True" if status else "False",
@@ -32,6 +33,17 @@ def _condition(type_: str, status: bool, reason: str, message: str, generation: 
         "observedGeneration": generation,
         "lastTransitionTime": now,
     }
+
+
+def kstatus_conditions(
+    ready: bool, reconciling: bool, stalled: bool, reason: str, message: str, generation: int, now: str
+) -> list[dict[str, Any]]:
+    """The three conditions kstatus reads (Ready, Reconciling, Stalled), sharing one reason and message."""
+    return [
+        condition("Ready", ready, reason, message, generation, now),
+        condition("Reconciling", reconciling, reason, message, generation, now),
+        condition("Stalled", stalled, reason, message, generation, now),
+    ]
 
 
 def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,34 +143,34 @@ def compute_status(
         message = f"{reason}: {detail}"
         state = DeploymentState.FAILED if ready == 0 else DeploymentState.UPDATING
         conditions = [
-            _condition("Ready", ready >= desired and desired > 0, reason, message, generation, stamp),
-            _condition("Reconciling", False, reason, message, generation, stamp),
-            _condition("Stalled", True, reason, message, generation, stamp),
+            condition("Ready", ready >= desired and desired > 0, reason, message, generation, stamp),
+            condition("Reconciling", False, reason, message, generation, stamp),
+            condition("Stalled", True, reason, message, generation, stamp),
         ]
     elif complete and desired == 0:
         state = DeploymentState.SCALED_TO_ZERO
         message = "scaled to zero; the first request wakes it"
         conditions = [
-            _condition("Ready", True, "ScaledToZero", message, generation, stamp),
-            _condition("Reconciling", False, "ScaledToZero", message, generation, stamp),
-            _condition("Stalled", False, "ScaledToZero", message, generation, stamp),
+            condition("Ready", True, "ScaledToZero", message, generation, stamp),
+            condition("Reconciling", False, "ScaledToZero", message, generation, stamp),
+            condition("Stalled", False, "ScaledToZero", message, generation, stamp),
         ]
     elif complete:
         state = DeploymentState.READY
         message = f"{ready}/{desired} replicas ready"
         conditions = [
-            _condition("Ready", True, "ReplicasReady", message, generation, stamp),
-            _condition("Reconciling", False, "ReplicasReady", message, generation, stamp),
-            _condition("Stalled", False, "ReplicasReady", message, generation, stamp),
+            condition("Ready", True, "ReplicasReady", message, generation, stamp),
+            condition("Reconciling", False, "ReplicasReady", message, generation, stamp),
+            condition("Stalled", False, "ReplicasReady", message, generation, stamp),
         ]
     else:
         state = DeploymentState.UPDATING if was_ready else DeploymentState.CREATING
         reason = "RollingOut" if was_ready else "Creating"
         message = f"{ready}/{desired} replicas ready, {updated} updated"
         conditions = [
-            _condition("Ready", False, reason, message, generation, stamp),
-            _condition("Reconciling", True, reason, message, generation, stamp),
-            _condition("Stalled", False, reason, message, generation, stamp),
+            condition("Ready", False, reason, message, generation, stamp),
+            condition("Reconciling", True, reason, message, generation, stamp),
+            condition("Stalled", False, reason, message, generation, stamp),
         ]
     count = spec.effective_accelerator_count
     return {

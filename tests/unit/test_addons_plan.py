@@ -161,3 +161,23 @@ def test_a_version_leaving_the_targets_stays_loaded_for_the_grace_then_goes() ->
     (step,) = plan("bot", [v1], set(later), [replica])
     assert step.unload == ["bot-v2"]
     assert keep_warm(warm, ["bot-v1"], set(), t0, grace, idle=True) == {}  # idle: everything goes
+
+
+def test_next_look_is_the_earliest_deadline() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from loraserve.addons import keep_warm, next_look, warm_until
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    grace = timedelta(minutes=10)
+    # v1 left the targets 4 minutes ago: it stays warm 6 more minutes, then the addon must look again.
+    retired = keep_warm({"bot-v1": "2026-01-01T11:56:00Z"}, ["bot-v1", "bot-v2"], {"bot-v2"}, now, grace, False)
+    assert next_look(now, resync=3600, warm_until=warm_until(retired, grace)) == 360
+    later = now + timedelta(minutes=6)
+    assert keep_warm(retired, ["bot-v2"], {"bot-v2"}, later, grace, False) == {}  # unloaded when it looks
+    # an idle deadline, a retry and a rollback sample compete; the earliest wins; past deadlines mean now
+    assert next_look(now, resync=300, idle_at=now + timedelta(seconds=90)) == 90
+    assert next_look(now, resync=300, retry_at=[now + timedelta(seconds=4), now + timedelta(seconds=8)]) == 4
+    assert next_look(now, resync=300, sample_every=2.0, idle_at=now + timedelta(hours=1)) == 2.0
+    assert next_look(now, resync=300, idle_at=now - timedelta(seconds=5)) == 0.0
+    assert next_look(now, resync=300) == 300

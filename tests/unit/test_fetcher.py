@@ -468,7 +468,7 @@ async def test_errors_name_the_artifact_and_class_never_the_remote_body(
         from loraserve.handlers.addon import _load
 
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as session:
-            failures = await _load(session, "uid-1", step, client.port or 0, ("ns", "dep", "bot"))
+            failures = await _load(session, {}, step, client.port or 0, ("ns", "dep", "bot"))
     assert len(failures) == 1
     refusal = failures[0]
     assert refusal.reason == "AdapterSourceUnavailable"
@@ -488,7 +488,7 @@ async def test_a_fetcher_answer_that_is_not_ours_stays_out_of_status(tmp_path: P
         step = addons.ReplicaPlan(addons.Replica("pod-0", "127.0.0.1", frozenset()), [addons.Artifact("x", "u", None)])
         from loraserve.handlers.addon import _load
 
-        failures = await _load(session, "uid-2", step, client.port or 0, ("ns", "dep", "x"))
+        failures = await _load(session, {}, step, client.port or 0, ("ns", "dep", "x"))
     assert [(f.reason, f.message) for f in failures] == [
         ("AdapterFetchFailed", "x on pod-0: the fetcher answered HTTP 502")
     ]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,25 +19,37 @@ from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import MODEL_SERVER_PORT, POOL_LABEL, addon_deployment, selector_labels
 from loraserve.durations import parse_window
-from loraserve.handlers.deployment import kube, model_server_tokens
+from loraserve.handlers import deployment as deployments
+from loraserve.handlers.deployment import kube, model_server_tokens, observed_pods, observed_version
+from loraserve.handlers.follow import follow
 from loraserve.handlers.load import (
-    AutoscalerSettings,
+    SCRAPE_LISTENERS,
+    latest_addon_signals,
     ready_replicas,
     router_addon_signals,
     router_signals,
     router_version_counters,
 )
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
-from loraserve.resources.settings import ManifestSettings
+from loraserve.settings import operator_settings
+from loraserve.status import condition, kstatus_conditions, merge_conditions, status_patch
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
 
-RESYNC_SECONDS = 3.0
+# An addon is looked at when it, its Deployment, its replicas or its ModelVersions change, when a request is
+# held for it, or when one of its own deadlines comes (see addons.next_look); this slow resync only heals
+# what a lost event would leave behind.
+RESYNC_SECONDS = 300.0
+COALESCE_SECONDS = 0.2
+# Adapters loaded on a replica, as last asked: shared by every addon on it, asked again after this long.
+LOADED_TTL = 2.0
+# A replica that did not answer is asked again this soon.
+UNREACHABLE_RETRY = 5.0
 IDLE_UNLOAD_ANNOTATION = "serving.loraserve.dev/idle-unload-after"
 # After a rollback the previous version stays loaded this long, so flipping back is instant.
 WARM_GRACE = timedelta(minutes=10)
 MAX_BACKOFF = 60.0
-# (addon uid, replica, served name) -> (retry at, next delay, the failure that set it)
-_backoff: dict[tuple[str, str, str], tuple[float, float, addons.Refusal]] = {}
+# In an addon's Kopf memo: (replica, served name) -> (retry at (epoch), next delay, the failure that set it)
+Backoff = dict[tuple[str, str], tuple[float, float, addons.Refusal]]
 
 
 def _epoch(text: str | None) -> float | None:
@@ -50,49 +60,71 @@ def _stamp(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _conditions(
-    ready: bool, reconciling: bool, stalled: bool, reason: str, message: str, gen: int, now: str
-) -> list[dict[str, Any]]:
-    def cond(t: str, s: bool) -> dict[str, Any]:
-        return {
-            "type": t,
-            "status": str(s),
-            "reason": reason,
-            "message": message,
-            "observedGeneration": gen,
-            "lastTransitionTime": now,
-        }
-
-    return [cond("Ready", ready), cond("Reconciling", reconciling), cond("Stalled", stalled)]
-
-
 def _verdict(
     base: dict[str, Any], state: str, reason: str, message: str, flags: tuple[bool, bool, bool], gen: int, now: str
 ) -> dict[str, Any]:
     """A status: state, reason, message and the kstatus conditions (Ready, Reconciling, Stalled) = flags."""
     ready, reconciling, stalled = flags
-    conditions = _conditions(ready, reconciling, stalled, reason, message, gen, now)
+    conditions = kstatus_conditions(ready, reconciling, stalled, reason, message, gen, now)
     return {**base, "state": state, "reason": reason, "message": message, "conditions": conditions}
 
 
+class LoadedAdapters:
+    """What each replica's vLLM has loaded, asked once and shared by every addon reconciling on it (ten addons
+    created together on one Deployment ask each replica once, not ten times)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def observe(self, session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
+        key = (name, ip)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            seen = self._seen.get(key)
+            if seen is None or time.monotonic() - seen[0] > LOADED_TTL:
+                try:
+                    loaded = await VllmAdmin(f"http://{ip}:{MODEL_SERVER_PORT}", session).loaded_adapters()
+                except VllmError:
+                    self._seen.pop(key, None)
+                    return None  # not answering: treated as not having anything; asked again soon
+                seen = self._seen[key] = (time.monotonic(), frozenset(loaded))
+        return addons.Replica(name, ip, seen[1])
+
+    def changed(self, replica: addons.Replica, loaded: str | None = None, unloaded: str | None = None) -> None:
+        key = (replica.name, replica.ip)
+        if key in self._seen:
+            at, names = self._seen[key]
+            self._seen[key] = (at, (names | {loaded} if loaded else names) - ({unloaded} if unloaded else set()))
+
+    def forget(self, pod_names: set[str]) -> None:
+        """Replicas that restarted, left or became ready: asked afresh next time."""
+        for key in [k for k in self._seen if k[0] in pod_names]:
+            del self._seen[key]
+        for key in [k for k in self._locks if k[0] in pod_names and not self._locks[k].locked()]:
+            del self._locks[key]
+
+
+LOADED = LoadedAdapters()
+
+
 async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
-    try:
-        loaded = await VllmAdmin(f"http://{ip}:{MODEL_SERVER_PORT}", session).loaded_adapters()
-    except VllmError:
-        return None  # not answering: treated as not having anything; retried next round
-    return addons.Replica(name, ip, frozenset(loaded))
+    return await LOADED.observe(session, name, ip)
 
 
 async def _load(
-    session: aiohttp.ClientSession, uid: str, step: addons.ReplicaPlan, fetcher_port: int, who: tuple[str, str, str]
+    session: aiohttp.ClientSession,
+    backoff: Backoff,
+    step: addons.ReplicaPlan,
+    fetcher_port: int,
+    who: tuple[str, str, str],
 ) -> list[addons.Refusal]:
     """Fetch and load what `step` asks on its replica; `who` is (namespace, deployment, addon) for metrics."""
     failures = []
     replica = step.replica
     for artifact in step.load:
-        key = (uid, replica.name, artifact.served_name)
-        retry_at, delay, last = _backoff.get(key, (0.0, 1.0, None))
-        if last is not None and time.monotonic() < retry_at:
+        key = (replica.name, artifact.served_name)
+        retry_at, delay, last = backoff.get(key, (0.0, 1.0, None))
+        if last is not None and time.time() < retry_at:
             failures.append(last)  # still failing as last time; retried with backoff
             continue
         try:
@@ -117,17 +149,18 @@ async def _load(
             await VllmAdmin(f"http://{replica.ip}:{MODEL_SERVER_PORT}", session).load_adapter(
                 artifact.served_name, path
             )
-            _backoff.pop(key, None)
+            backoff.pop(key, None)
+            LOADED.changed(replica, loaded=artifact.served_name)
             record_adapter_load(*who)
         except AdapterLoadError as exc:
             refusal = addons.Refusal("AdapterLoadFailed", f"{artifact.served_name} on {replica.name}: {exc.message}")
             failures.append(refusal)
-            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF), refusal)
+            backoff[key] = (time.time() + delay, min(delay * 2, MAX_BACKOFF), refusal)
             record_adapter_load_failure(*who, refusal.reason)
         except _FetchFailed as exc:
             refusal = addons.Refusal(exc.reason, f"{artifact.served_name} on {replica.name}: {exc}")
             failures.append(refusal)
-            _backoff[key] = (time.monotonic() + delay, min(delay * 2, MAX_BACKOFF), refusal)
+            backoff[key] = (time.time() + delay, min(delay * 2, MAX_BACKOFF), refusal)
             record_adapter_load_failure(*who, refusal.reason)
         except (aiohttp.ClientError, TimeoutError, VllmError) as exc:
             failures.append(addons.Refusal("ReplicaUnreachable", f"{replica.name}: {exc}"))
@@ -150,6 +183,7 @@ async def _unload(session: aiohttp.ClientSession, replica: addons.Replica, names
     for name in names:
         try:
             await admin.unload_adapter(name)
+            LOADED.changed(replica, unloaded=name)
             async with session.delete(
                 f"http://{replica.ip}:{fetcher_port}/adapters/{name}", timeout=aiohttp.ClientTimeout(total=30)
             ):
@@ -158,12 +192,20 @@ async def _unload(session: aiohttp.ClientSession, replica: addons.Replica, names
             pass  # the next round tries again
 
 
-def _read_versions(namespace: str, spec: LoraAddonSpec) -> dict[str, ModelVersionSpec | None]:
+async def _read_versions(namespace: str, spec: LoraAddonSpec) -> dict[str, ModelVersionSpec | None]:
     versions: dict[str, ModelVersionSpec | None] = {}
     for target in spec.targets:
-        obj = kube().get_custom("modelversions", target.model_version, namespace)
+        obj = await observed_version(namespace, target.model_version)
         versions[target.model_version] = ModelVersionSpec.model_validate(obj["spec"]) if obj else None
     return versions
+
+
+async def _read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
+    """The Deployment CR, as its own loop last saw it (no API call), else asked."""
+    watched = deployments.followed(namespace, name)
+    if watched is not None:
+        return {"spec": dict(watched.spec)}  # live: Kopf keeps it current
+    return await asyncio.to_thread(kube().get_custom, "deployments", name, namespace)
 
 
 def _version_bases(namespace: str) -> dict[str, str]:
@@ -191,7 +233,7 @@ def _serverless_pool(
             "Deployment (spec.deployment)",
         )
     if kube().get_custom("deployments", pool, namespace) is None:
-        overrides = json.loads(os.environ.get("LORASERVE_SERVERLESS_POOL_SPEC", "{}"))
+        overrides = dict(operator_settings().serverless_pool_spec)
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Deployment",
@@ -207,8 +249,6 @@ def _serverless_pool(
 
 
 def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, Any], body: kopf.Body) -> None:
-    from loraserve.status import merge_conditions, status_patch
-
     status["conditions"] = merge_conditions(previous.get("conditions") or [], status["conditions"])
     if previous.get("state") != status["state"] or previous.get("message") != status["message"]:
         if status["state"] == "FAILED" or any(
@@ -251,48 +291,48 @@ def _rollback(
     return decision
 
 
-async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: Any) -> None:
-    name, namespace, uid = str(body.metadata.name), str(body.metadata.namespace), str(body.metadata.uid)
+async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: Any) -> float:
+    """Observe, decide, execute; returns the seconds until the addon must be looked at again when nothing
+    wakes it sooner."""
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     generation = int(body.metadata.get("generation") or 0)
     previous = dict(body.status or {})
     now = datetime.now(UTC)
     stamp = _stamp(now)
     base: dict[str, Any] = {"observedGeneration": generation}
+    settings = operator_settings()
 
-    def refuse(reason: str, message: str) -> None:
+    def refuse(reason: str, message: str) -> float:
         failed = _verdict(base, "FAILED", reason, message, (False, False, True), generation, stamp)
         _set_status(patch, previous, failed, body)
+        return RESYNC_SECONDS  # a fix comes as an event (the spec, the Deployment, a ModelVersion)
 
     try:
         spec = LoraAddonSpec.model_validate(dict(body.spec))
     except ValidationError as exc:
         message = str(exc).replace("\n", " ")
-        refuse("InvalidSpec", message)
-        return
-    versions = await asyncio.to_thread(_read_versions, namespace, spec)
+        return refuse("InvalidSpec", message)
+    versions = await _read_versions(namespace, spec)
     if spec.deployment is None:
         seat = await asyncio.to_thread(_serverless_pool, name, namespace, spec, versions)
         if isinstance(seat, addons.Refusal):
-            refuse(seat.reason, seat.message)
-            return
+            return refuse(seat.reason, seat.message)
         deployment_name = seat
     else:
         deployment_name = spec.deployment
-    obj = await asyncio.to_thread(kube().get_custom, "deployments", deployment_name, namespace)
+    obj = await _read_deployment(namespace, deployment_name)
     deployment = DeploymentSpec.model_validate(obj["spec"]) if obj else None
     base.update(deployment=deployment_name, versions=addons.weights_text(name, spec, versions))
     refusal = addons.check(name, spec, deployment_name, deployment, versions)
     if refusal is not None:
-        refuse(refusal.reason, refusal.message)
-        return
+        return refuse(refusal.reason, refusal.message)
     present = {k: v for k, v in versions.items() if v is not None}
     wanted = addons.artifacts(name, spec, present)
     # Idle addons are unloaded (freeing their GPU slot) and load again when a request comes: the router holds
     # a request for an adapter no replica has, and reports it in flight, which wakes it here.
     async with aiohttp.ClientSession() as session:
-        settings = AutoscalerSettings.from_env()
-        demand = (await router_addon_signals(session, settings)).get((namespace, deployment_name, name))
-        counters = await router_version_counters(session, settings)
+        demand = (await router_addon_signals(session, settings.autoscaler)).get((namespace, deployment_name, name))
+        counters = await router_version_counters(session, settings.autoscaler)
     decision = _rollback(
         body, spec, generation, previous, present, counters, (namespace, deployment_name, name), memo, now
     )
@@ -313,10 +353,8 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         )
         if t is not None
     )
-    idle_after = parse_window(
-        (body.metadata.annotations or {}).get(IDLE_UNLOAD_ANNOTATION)
-        or os.environ.get("LORASERVE_ADDON_IDLE_UNLOAD_AFTER", "168h")
-    )
+    annotated_idle = (body.metadata.annotations or {}).get(IDLE_UNLOAD_ANNOTATION)
+    idle_after = parse_window(annotated_idle) if annotated_idle else settings.addon_idle_unload_after
     idle = now.timestamp() - last_request >= idle_after and not (demand and demand.in_flight > 0)
     if demand and demand.in_flight > 0:
         last_request = max(last_request, now.timestamp())
@@ -325,6 +363,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         wanted = []
     elif previous.get("state") == "UNLOADED":
         base["loadedAt"] = stamp  # woken: a fresh idle period starts now
+        last_request = now.timestamp()
     wanted_names = {a.served_name for a in wanted}
 
     # Versions dropped from the targets stay loaded (warm) for a grace period: rollback is a pointer flip.
@@ -332,9 +371,10 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         previous.get("retired") or {}, list(previous.get("servedNames") or []), wanted_names, now, WARM_GRACE, idle
     )
 
-    pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
-    fetcher_port = ManifestSettings.from_env().fetcher_port
+    pods = await observed_pods(namespace, deployment_name)
+    fetcher_port = settings.manifests.fetcher_port
     auth = model_server_tokens().authorization(namespace, deployment_name)  # vLLM and the fetcher demand it
+    backoff: Backoff = memo.setdefault("backoff", {})
     async with aiohttp.ClientSession(headers=auth) as session:
         observed = await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods)))
         replicas = [r for r in observed if r is not None]
@@ -343,7 +383,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
             if step.unload:
                 await _unload(session, step.replica, step.unload, fetcher_port)
             if step.load:
-                failures += await _load(session, uid, step, fetcher_port, (namespace, deployment_name, name))
+                failures += await _load(session, backoff, step, fetcher_port, (namespace, deployment_name, name))
         after = await asyncio.gather(*(_observe(session, r.name, r.ip) for r in replicas))
     loaded = sum(1 for r in after if r is not None and wanted_names <= r.loaded)
     total = len(ready_replicas(pods))
@@ -367,58 +407,217 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         message = f"loaded on {loaded}/{total} ready replicas"
         status = _verdict(base, "READY", "AdaptersLoaded", message, (True, False, False), generation, stamp)
     assert deployment is not None
-    status["conditions"].append(await _capacity(namespace, deployment_name, deployment, generation, stamp))
+    status["conditions"].append(_capacity(namespace, deployment_name, deployment, generation, stamp))
     if decision.condition is not None:
         fired, reason, text = decision.condition
-        status["conditions"].append(
-            {
-                "type": "RolledBack",
-                "status": str(fired),
-                "reason": reason,
-                "message": text,
-                "observedGeneration": generation,
-                "lastTransitionTime": stamp,
-            }
-        )
+        status["conditions"].append(condition("RolledBack", fired, reason, text, generation, stamp))
     _set_status(patch, previous, status, body)
+    unreachable = len(replicas) < total or len(after) != len([r for r in after if r is not None])
+    sampling = (
+        settings.autoscaler.tick
+        if spec.auto_rollback is not None and len(spec.targets) > 1 and not (decision.status or {}).get("rolledBack")
+        else None
+    )
+    return addons.next_look(
+        now,
+        resync=UNREACHABLE_RETRY if unreachable or (loaded < total and not failures) else RESYNC_SECONDS,
+        idle_at=None if idle else datetime.fromtimestamp(last_request + idle_after, UTC),
+        warm_until=addons.warm_until(retired, WARM_GRACE),
+        retry_at=[datetime.fromtimestamp(at, UTC) for at, _, _ in backoff.values()],
+        sample_every=sampling,
+    )
 
 
-async def _capacity(
-    namespace: str, deployment_name: str, deployment: DeploymentSpec, gen: int, now: str
-) -> dict[str, Any]:
-    """More adapters than maxLoras is allowed (vLLM swaps them) but costs latency: say so."""
-    listed = await asyncio.to_thread(
-        kube().custom.list_namespaced_custom_object, GROUP, VERSION, namespace, "loraaddons"
-    )
-    served = sum(
-        len(a.get("spec", {}).get("targets", []))
-        for a in listed["items"]
-        if a.get("spec", {}).get("deployment") == deployment_name
-    )
+def _capacity(namespace: str, deployment_name: str, deployment: DeploymentSpec, gen: int, now: str) -> dict[str, Any]:
+    """More adapters than maxLoras is allowed (vLLM swaps them) but costs latency: say so. Counted from the
+    addons' watch events (no API call)."""
+    served = _served_versions.get((namespace, deployment_name), 0)
     over = served > deployment.effective_max_loras
     message = f"{served} adapter versions for {deployment.effective_max_loras} GPU slots (maxLoras)"
-    return {
-        "type": "OverCapacity",
-        "status": str(over),
-        "reason": "AdaptersExceedMaxLoras" if over else "WithinMaxLoras",
-        "message": message,
-        "observedGeneration": gen,
-        "lastTransitionTime": now,
-    }
+    return condition("OverCapacity", over, "AdaptersExceedMaxLoras" if over else "WithinMaxLoras", message, gen, now)
 
 
-@kopf.on.resume(GROUP, VERSION, "loraaddons")
-@kopf.on.create(GROUP, VERSION, "loraaddons")
-@kopf.on.update(GROUP, VERSION, "loraaddons", field="spec")
-async def loraaddon_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
-    await reconcile_addon(body, patch, logger, memo)
+class Followed:
+    """A LoraAddon the operator follows: its live body, what wakes its loop, and what it was last woken for."""
+
+    def __init__(self, body: kopf.Body) -> None:
+        self.body = body
+        self.wake = asyncio.Event()
+        self.seen: tuple[Any, ...] = ()
+        self.served_on: str | None = None
 
 
-@kopf.timer(GROUP, VERSION, "loraaddons", interval=RESYNC_SECONDS, sharp=True)
-async def loraaddon_resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
-    # Replicas come and go (scale-out, restarts that forget adapters): every round re-checks each one; the
-    # automatic rollback's window gets a sample of the router's counters.
-    await reconcile_addon(body, patch, logger, memo)
+# (namespace, name) -> the addon's loop; registered by its daemon and removed when the daemon ends.
+_followed: dict[tuple[str, str], Followed] = {}
+# (namespace, deployment) -> the names of the followed addons served there (a pod event wakes only those).
+_by_deployment: dict[tuple[str, str], set[str]] = {}
+
+
+def _place(key: tuple[str, str], followed: Followed, deployment_name: str | None) -> None:
+    if followed.served_on == deployment_name:
+        return
+    if followed.served_on is not None:
+        names = _by_deployment.get((key[0], followed.served_on), set())
+        names.discard(key[1])
+        if not names:
+            _by_deployment.pop((key[0], followed.served_on), None)
+    followed.served_on = deployment_name
+    if deployment_name is not None:
+        _by_deployment.setdefault((key[0], deployment_name), set()).add(key[1])
+
+
+@kopf.daemon(GROUP, VERSION, "loraaddons", cancellation_timeout=10)  # type: ignore[arg-type]
+async def loraaddon_follow(
+    body: kopf.Body,
+    name: str,
+    namespace: str,
+    stopped: kopf.DaemonStopped,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """Adapters follow the addon, its Deployment's replicas and its ModelVersions as they change, and the
+    addon's own deadlines (idle, warm grace, retries, rollback samples), instead of a short timer."""
+    followed = _followed[(namespace, name)] = Followed(body)
+    status: dict[str, Any] = dict(body.status or {})
+    _place((namespace, name), followed, body.spec.get("deployment") or status.get("deployment"))
+
+    async def look(_: bool) -> float | None:
+        if body.metadata.get("deletionTimestamp"):
+            return None
+        patch = kopf.Patch()
+        try:
+            due = await reconcile_addon(body, patch, logger, memo)
+            if patch.status:
+                await asyncio.to_thread(
+                    kube().patch_custom_status, "loraaddons", name, namespace, {"status": dict(patch.status)}
+                )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None  # deleted meanwhile
+            logger.warning(f"reconcile of addon {name} failed ({exc.status} {exc.reason}); retrying")
+            return UNREACHABLE_RETRY
+        placed = patch.status.get("deployment") or body.spec.get("deployment")
+        if placed:
+            _place((namespace, name), followed, placed)  # a serverless addon's pool is known now
+        return due
+
+    try:
+        await follow(followed.wake, stopped, look, COALESCE_SECONDS)
+    finally:
+        if _followed.get((namespace, name)) is followed:
+            _place((namespace, name), followed, None)
+            del _followed[(namespace, name)]
+
+
+# Adapter versions per Deployment, for the OverCapacity condition: (namespace, deployment) -> count, kept
+# from the addons' events; each addon's share is remembered so that an edit or a deletion moves the count.
+_served_versions: dict[tuple[str, str], int] = {}
+_addon_share: dict[tuple[str, str], tuple[str, int]] = {}
+
+
+def _count_versions(key: tuple[str, str], share: tuple[str, int] | None) -> None:
+    """Record an addon's (deployment, versions); the addons of a Deployment whose count moved look again."""
+    before = _addon_share.pop(key, None)
+    if share is not None and share[0]:
+        _addon_share[key] = share
+    else:
+        share = None
+    if before == share:
+        return
+    namespace = key[0]
+    for deployment_name, delta in ([(before[0], -before[1])] if before else []) + ([share] if share else []):
+        total = _served_versions.get((namespace, deployment_name), 0) + delta
+        if total > 0:
+            _served_versions[(namespace, deployment_name)] = total
+        else:
+            _served_versions.pop((namespace, deployment_name), None)
+        _wake_served_on(namespace, deployment_name)
+
+
+@kopf.on.event(GROUP, VERSION, "loraaddons")
+async def loraaddon_event(
+    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, **_: Any
+) -> None:
+    """A spec change (a new generation) or a re-arm annotation wakes the addon; its own status writes do not."""
+    key = (namespace or "", name or "")
+    deleted = event.get("type") == "DELETED"
+    _count_versions(key, None if deleted else (body.spec.get("deployment") or "", len(body.spec.get("targets") or [])))
+    followed = _followed.get(key)
+    if followed is None:
+        return
+    seen = (
+        body.metadata.get("generation"),
+        (body.metadata.annotations or {}).get(REARM_ANNOTATION),
+        (body.metadata.annotations or {}).get(IDLE_UNLOAD_ANNOTATION),
+    )
+    if seen != followed.seen:
+        followed.seen = seen
+        followed.wake.set()
+
+
+def _wake_served_on(namespace: str, deployment_name: str) -> None:
+    for name in _by_deployment.get((namespace, deployment_name), ()):
+        followed = _followed.get((namespace, name))
+        if followed is not None:
+            followed.wake.set()
+
+
+def _replicas_changed(namespace: str, deployment_name: str) -> None:
+    """A replica became ready, restarted (forgetting its adapters) or left: its addons look again."""
+    pods = deployments.CACHE.pod_list((namespace, deployment_name)) or []
+    LOADED.forget({p["metadata"]["name"] for p in pods} | _known_replicas(namespace, deployment_name))
+    _wake_served_on(namespace, deployment_name)
+
+
+def _known_replicas(namespace: str, deployment_name: str) -> set[str]:
+    entry = deployments.CACHE.pods.get((namespace, deployment_name))
+    return set(entry.gone) if entry else set()
+
+
+def _version_changed(namespace: str, version: str) -> None:
+    for (ns, _), followed in list(_followed.items()):
+        if ns == namespace and any(t.get("modelVersion") == version for t in followed.body.spec.get("targets") or []):
+            followed.wake.set()
+
+
+_deployment_generations: dict[tuple[str, str], Any] = {}
+
+
+@kopf.on.event(GROUP, VERSION, "deployments")
+async def deployment_event(
+    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, **_: Any
+) -> None:
+    """A Deployment created, deleted or re-specified (enableAddons, maxLoras): its addons look again."""
+    key = (namespace or "", name or "")
+    generation = None if event.get("type") == "DELETED" else body.metadata.get("generation")
+    if _deployment_generations.get(key, "unseen") != generation:
+        _deployment_generations[key] = generation
+        _wake_served_on(*key)
+    if generation is None:
+        _deployment_generations.pop(key, None)
+
+
+def _wake_on_demand() -> None:
+    """After each scrape of the routers: an addon with a request in flight that is not READY (unloaded when
+    idle, or still loading) looks at once; one whose last request moved well past its status looks too."""
+    for (ns, _dep, addon), signal in latest_addon_signals().items():
+        followed = _followed.get((ns, addon))
+        if followed is None:
+            continue
+        status: dict[str, Any] = dict(followed.body.status or {})
+        recorded = _epoch(status.get("lastRequestTime")) or 0.0
+        if (signal.in_flight > 0 and status.get("state") != "READY") or (
+            signal.last_request is not None and signal.last_request - recorded > LAST_REQUEST_STALE
+        ):
+            followed.wake.set()
+
+
+# lastRequestTime in status may lag the routers' by this much (it is written when the addon is looked at).
+LAST_REQUEST_STALE = 60.0
+SCRAPE_LISTENERS.append(_wake_on_demand)
+deployments.POD_LISTENERS.append(_replicas_changed)
+deployments.VERSION_LISTENERS.append(_version_changed)
 
 
 @kopf.on.delete(GROUP, VERSION, "loraaddons")
@@ -429,7 +628,7 @@ async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> N
     if not deployment_name:
         return
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
-    fetcher_port = ManifestSettings.from_env().fetcher_port
+    fetcher_port = operator_settings().manifests.fetcher_port
     auth = model_server_tokens().authorization(namespace, deployment_name)
     async with aiohttp.ClientSession(headers=auth) as session:
         for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
@@ -458,7 +657,7 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
     bases = await asyncio.to_thread(_version_bases, namespace)
     members = addons.pool_members(name, base_model, listed["items"], bases)
     async with aiohttp.ClientSession() as session:
-        signal = (await router_signals(session, AutoscalerSettings.from_env())).get((namespace, name))
+        signal = (await router_signals(session, operator_settings().autoscaler)).get((namespace, name))
     last_request = _epoch(dict(body.status or {}).get("lastRequestTime"))
     if signal is not None and signal.last_request is not None:
         last_request = max(last_request or 0.0, signal.last_request)
@@ -469,7 +668,7 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
         last_request,
         _epoch(body.metadata.get("creationTimestamp")) or time.time(),
         time.time(),
-        parse_window(os.environ.get("LORASERVE_SERVERLESS_POOL_GC_AFTER", "10m")),
+        operator_settings().serverless_pool_gc_after,
     )
     if not verdict.delete:
         return

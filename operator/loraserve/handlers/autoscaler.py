@@ -16,14 +16,15 @@ from prometheus_client import Counter
 
 from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
-from loraserve.api.naming import KEEP_ANNOTATION, MODEL_SERVER_PORT, child_name, selector_labels
+from loraserve.api.naming import KEEP_ANNOTATION, MODEL_SERVER_PORT
 from loraserve.autoscale.policy import GpuMeter, ScalingPolicy, ScalingSettings, idle_gc_due
 from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
-from loraserve.handlers.deployment import kube
-from loraserve.handlers.load import AutoscalerSettings, ready_replicas, router_signals
+from loraserve.handlers.deployment import kube, observed_child, observed_pods
+from loraserve.handlers.load import ready_replicas, router_signals
 from loraserve.handlers.metrics import forget_deployment
 from loraserve.resources.model_server import desired_replicas
+from loraserve.settings import operator_settings
 from loraserve.status import gpu_stockout
 from loraserve.vllm.admin import VllmAdmin, VllmError
 
@@ -31,7 +32,10 @@ GPU_SECONDS = Counter(
     "loraserve_gpu_seconds_total", "Ready replicas x accelerators x seconds", ["namespace", "deployment", "accelerator"]
 )
 SCALE_DECISIONS = Counter("loraserve_scale_decisions_total", "Replica changes", ["namespace", "deployment", "reason"])
-STATUS_EVERY = 5.0  # seconds between status writes when only the meter moved
+# Seconds between status writes when only the GPU meter moved: the live figure is the metric
+# loraserve_gpu_seconds_total; status is a summary, and a write per Deployment every few seconds would be
+# most of the API server's load at a thousand Deployments.
+STATUS_EVERY = 60.0
 
 
 async def _replica_load(session: aiohttp.ClientSession, ips: list[str]) -> float:
@@ -69,7 +73,7 @@ def _scale(namespace: str, name: str, replicas: int) -> None:
 async def deployment_autoscaler(
     body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
-    settings = AutoscalerSettings.from_env()
+    settings = operator_settings().autoscaler
     created = _epoch(body.metadata.get("creationTimestamp")) or time.time()
     status = dict(body.status or {})
     spec = DeploymentSpec.model_validate(dict(body.spec))
@@ -97,7 +101,7 @@ async def deployment_autoscaler(
                 if current > last_applied:
                     policy.record_request(now)  # woken from outside (the router at zero, or kubectl scale)
                 signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
-                pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(name))
+                pods = await observed_pods(namespace, name)  # kept current by watch events
                 ips = [ip for _, ip in ready_replicas(pods)]
                 load = max(signal.in_flight, await _replica_load(session, ips))
                 arrived = 0 if last_total is None else int(signal.requests_total - last_total)
@@ -121,7 +125,7 @@ async def deployment_autoscaler(
                     )
                     current = decision.replicas
                 last_applied = current
-                child = await asyncio.to_thread(kube().get_deployment_child, child_name(name), namespace)
+                child = await observed_child(namespace, name)
                 ready = int(((child or {}).get("status") or {}).get("readyReplicas") or 0)
                 added = meter.sample(now, ready, spec.effective_accelerator_count)
                 if added:

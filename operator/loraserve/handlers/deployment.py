@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +16,8 @@ from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import LABEL_DEPLOYMENT, LABEL_NAME, child_name, selector_labels
+from loraserve.handlers.cache import ClusterCache
+from loraserve.handlers.follow import follow
 from loraserve.handlers.metrics import record_replicas
 from loraserve.kube import Kube
 from loraserve.resources.model_server import (
@@ -25,8 +27,8 @@ from loraserve.resources.model_server import (
     build_token_secret,
     desired_replicas,
 )
-from loraserve.resources.settings import ManifestSettings
-from loraserve.status import Observed, compute_status, status_patch
+from loraserve.settings import operator_settings
+from loraserve.status import Observed, compute_status, kstatus_conditions, merge_conditions, status_patch
 from loraserve.tokens import ModelServerTokens
 
 # A Deployment is reconciled when it, its child apps/v1 Deployment, its pods or its ModelVersion change; this
@@ -34,8 +36,10 @@ from loraserve.tokens import ModelServerTokens
 RESYNC_SECONDS = 120.0
 # Child events come in bursts (a pod: scheduled, started, ready): one reconcile serves the whole burst.
 COALESCE_SECONDS = 0.2
+RETRY_SECONDS = 5.0  # after a failed reconcile
 MODEL_SERVER = {LABEL_NAME: "loraserve-model-server"}
 _kube: Kube | None = None
+CACHE = ClusterCache()
 
 
 def kube() -> Kube:
@@ -48,22 +52,47 @@ def kube() -> Kube:
 @functools.cache
 def model_server_tokens() -> ModelServerTokens:
     """The install key (a file the chart mounts), read once; the operator's startup calls this first."""
-    return ModelServerTokens.from_file(os.environ.get("LORASERVE_MODEL_SERVER_KEY_FILE"))
+    return ModelServerTokens.from_file(operator_settings().model_server_key_file)
 
 
-def _stalled(patch: kopf.Patch, generation: int, reason: str, message: str) -> None:
+def _stalled(patch: kopf.Patch, previous: dict[str, Any], generation: int, reason: str, message: str) -> None:
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     patch.status["observedGeneration"] = generation
     patch.status["state"] = "FAILED"
     patch.status["message"] = f"{reason}: {message}"
-    patch.status["conditions"] = [
-        {"type": "Ready", "status": "False", "reason": reason, "message": message, "lastTransitionTime": now},
-        {"type": "Reconciling", "status": "False", "reason": reason, "message": message, "lastTransitionTime": now},
-        {"type": "Stalled", "status": "True", "reason": reason, "message": message, "lastTransitionTime": now},
-    ]
+    conditions = kstatus_conditions(False, False, True, reason, message, generation, now)
+    patch.status["conditions"] = merge_conditions(previous.get("conditions") or [], conditions)
 
 
-def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
+async def observed_pods(namespace: str, name: str, refresh: bool = False) -> list[dict[str, Any]]:
+    """The model-server pods of Deployment CR `name`: from the watch-fed cache, listed when never seen (or
+    on `refresh`)."""
+    key = (namespace, name)
+    pods = None if refresh else CACHE.pod_list(key)
+    if pods is None:
+        listed, version = await asyncio.to_thread(kube().list_pods_versioned, namespace, selector_labels(name))
+        CACHE.fill_pods(key, listed, version)
+        pods = CACHE.pod_list(key) or []
+    return pods
+
+
+async def observed_child(namespace: str, name: str, refresh: bool = False) -> dict[str, Any] | None:
+    key = (namespace, name)
+    if refresh or key not in CACHE.children:
+        CACHE.fill_child(key, await asyncio.to_thread(kube().get_deployment_child, child_name(name), namespace))
+    return CACHE.children.get(key)
+
+
+async def observed_version(namespace: str, name: str, refresh: bool = False) -> dict[str, Any] | None:
+    key = (namespace, name)
+    if refresh or key not in CACHE.versions:
+        CACHE.fill_version(key, await asyncio.to_thread(kube().get_custom, "modelversions", name, namespace))
+    return CACHE.versions.get(key)
+
+
+async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, refresh: bool = True) -> None:
+    """Apply the children and compute status. `refresh` reads the cluster afresh (a spec change, the start,
+    the slow resync); without it, what the watch events brought is enough (a child or pod changed)."""
     name, namespace = body.metadata.name, body.metadata.namespace
     assert name is not None
     assert namespace is not None
@@ -73,44 +102,57 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
     try:
         spec = DeploymentSpec.model_validate(dict(body.spec))
     except ValidationError as exc:  # admission should have refused it; say so instead of crashing
-        _stalled(patch, generation, "InvalidSpec", str(exc).replace("\n", " "))
+        _stalled(patch, previous, generation, "InvalidSpec", str(exc).replace("\n", " "))
         return
     merge_source: ModelVersionSpec | None = None
     if spec.model_version is not None:
-        version = kube().get_custom("modelversions", spec.model_version, namespace)
+        version = await observed_version(namespace, spec.model_version, refresh)
         if version is None:
             message = f"ModelVersion {spec.model_version!r} not found in namespace {namespace}"
             if previous.get("message") != f"ModelVersionNotFound: {message}":
                 kopf.warn(body, reason="ModelVersionNotFound", message=message)
-            _stalled(patch, generation, "ModelVersionNotFound", message)
+            _stalled(patch, previous, generation, "ModelVersionNotFound", message)
             return
         merge_source = ModelVersionSpec.model_validate(version["spec"])
-    settings = ManifestSettings.from_env()
     desired = desired_replicas(spec)
     if spec.replicas is None:
         # The scale subresource (router wake-ups, the autoscaler, `kubectl scale`) needs the field to exist.
         patch.spec["replicas"] = desired
-    token = model_server_tokens().token(namespace, name)
-    if token is not None and kube().apply_secret(build_token_secret(name, namespace, uid, token)):
-        logger.info(f"applied the model-server token Secret of {name}")
-    policy = build_network_policy(name, namespace, uid, settings)
-    if policy is not None and kube().apply_network_policy(policy):
-        logger.info(f"applied NetworkPolicy {policy['metadata']['name']}")
-    if kube().apply_deployment_child(build_deployment(name, namespace, uid, spec, settings, merge_source)):
-        logger.info(f"applied apps/v1 Deployment {child_name(name)} (replicas {desired})")
-    if kube().apply_service(build_service(name, namespace, uid, spec, settings)):
-        logger.info(f"applied Service {child_name(name)}")
-    observed = Observed(
-        child=kube().get_deployment_child(child_name(name), namespace),
-        pods=kube().list_pods(namespace, selector_labels(name)),
-    )
-    status = compute_status(spec, generation, desired, observed, previous, datetime.now(UTC))
+    child = await observed_child(namespace, name, refresh)
+    pods = await observed_pods(namespace, name, refresh)
+    await asyncio.to_thread(_apply_children, name, namespace, uid, spec, merge_source, child, refresh, logger)
+    status = compute_status(spec, generation, desired, Observed(child=child, pods=pods), previous, datetime.now(UTC))
     record_replicas(namespace, name, int(status.get("desiredReplicas") or 0), int(status.get("readyReplicas") or 0))
     status["selector"] = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
     status["endpoint"] = f"http://{child_name(name)}.{namespace}.svc:8000"
     _report_transition(body, previous, status)
     for key, value in status_patch(previous, status).items():
         patch.status[key] = value
+
+
+def _apply_children(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: DeploymentSpec,
+    merge_source: ModelVersionSpec | None,
+    child: dict[str, Any] | None,
+    refresh: bool,
+    logger: kopf.Logger,
+) -> None:
+    settings = operator_settings().manifests
+    token = model_server_tokens().token(namespace, name)
+    if token is not None and kube().apply_secret(build_token_secret(name, namespace, uid, token)):
+        logger.info(f"applied the model-server token Secret of {name}")
+    policy = build_network_policy(name, namespace, uid, settings)
+    if policy is not None and kube().apply_network_policy(policy):
+        logger.info(f"applied NetworkPolicy {policy['metadata']['name']}")
+    manifest = build_deployment(name, namespace, uid, spec, settings, merge_source)
+    if kube().apply_deployment_child(manifest, child):
+        logger.info(f"applied apps/v1 Deployment {child_name(name)} (replicas {manifest['spec']['replicas']})")
+    # The Service is not watched: checked when the cluster is read afresh.
+    if refresh and kube().apply_service(build_service(name, namespace, uid, spec, settings)):
+        logger.info(f"applied Service {child_name(name)}")
 
 
 def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[str, Any]) -> None:
@@ -132,8 +174,8 @@ def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[s
 @kopf.on.resume(GROUP, VERSION, "deployments")
 @kopf.on.create(GROUP, VERSION, "deployments")
 @kopf.on.update(GROUP, VERSION, "deployments", field="spec")
-def deployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    reconcile(body, patch, logger)
+async def deployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    await reconcile(body, patch, logger)
 
 
 class Watched:
@@ -142,6 +184,7 @@ class Watched:
     def __init__(self, body: kopf.Body) -> None:
         self.body = body
         self.wake = asyncio.Event()
+        self.refresh = True  # the next reconcile reads the cluster afresh
 
 
 # (namespace, name) -> the CR's loop, registered by its daemon and removed when the daemon ends (the object is
@@ -156,38 +199,41 @@ async def deployment_follow(
     """Status follows the children (pods becoming ready or unschedulable, stockouts clearing) as they change,
     instead of polling every object on a short timer."""
     watched = _watched[(namespace, name)] = Watched(body)
-    watched.wake.set()  # child events may have come before this loop was registered
+
+    async def look(woken: bool) -> float | None:
+        if body.metadata.get("deletionTimestamp"):
+            return None
+        if not woken:
+            watched.refresh = True  # the slow resync reads the cluster afresh
+        refresh, watched.refresh = watched.refresh, False
+        try:
+            await _reconcile_and_write(body, name, namespace, logger, refresh)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None  # deleted meanwhile
+            logger.warning(f"reconcile of {name} failed ({exc.status} {exc.reason}); retrying")
+            watched.refresh = True
+            return RETRY_SECONDS
+        return RESYNC_SECONDS
+
     try:
-        while not stopped:
-            woken = asyncio.ensure_future(watched.wake.wait())
-            stopping = asyncio.ensure_future(stopped.wait())
-            await asyncio.wait((woken, stopping), timeout=RESYNC_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-            woken.cancel()
-            stopping.cancel()
-            if stopped or body.metadata.get("deletionTimestamp"):
-                break
-            await stopped.wait(COALESCE_SECONDS)
-            watched.wake.clear()
-            try:
-                await asyncio.to_thread(_reconcile_and_write, body, name, namespace, logger)
-            except kubernetes.client.ApiException as exc:
-                if exc.status == 404:
-                    break  # deleted meanwhile
-                logger.warning(f"reconcile of {name} failed ({exc.status} {exc.reason}); retrying")
-                watched.wake.set()
-                await stopped.wait(5.0)
+        # child events may have come before this loop was registered: it looks at once
+        await follow(watched.wake, stopped, look, COALESCE_SECONDS)
     finally:
         if _watched.get((namespace, name)) is watched:
             del _watched[(namespace, name)]
+            CACHE.forget((namespace, name))
 
 
-def _reconcile_and_write(body: kopf.Body, name: str, namespace: str, logger: kopf.Logger) -> None:
+async def _reconcile_and_write(body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool) -> None:
     patch = kopf.Patch()
-    reconcile(body, patch, logger)
+    await reconcile(body, patch, logger, refresh)
     if patch.spec:
-        kube().patch_custom("deployments", name, namespace, {"spec": dict(patch.spec)})
+        await asyncio.to_thread(kube().patch_custom, "deployments", name, namespace, {"spec": dict(patch.spec)})
     if patch.status:
-        kube().patch_custom_status("deployments", name, namespace, {"status": dict(patch.status)})
+        await asyncio.to_thread(
+            kube().patch_custom_status, "deployments", name, namespace, {"status": dict(patch.status)}
+        )
 
 
 def wake(namespace: str | None, name: str | None) -> None:
@@ -196,15 +242,45 @@ def wake(namespace: str | None, name: str | None) -> None:
         watched.wake.set()
 
 
+# Who else wants to hear of a replica's readiness change or a ModelVersion change (the addons).
+POD_LISTENERS: list[Callable[[str, str], None]] = []
+VERSION_LISTENERS: list[Callable[[str, str], None]] = []
+
+
 @kopf.on.event("apps", "v1", "deployments", labels=MODEL_SERVER)
+async def child_changed(event: kopf.RawEvent, meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    owner = meta.get("labels", {}).get(LABEL_DEPLOYMENT)
+    if namespace and owner:
+        CACHE.child_event((namespace, owner), event.get("type"), dict(event["object"]))
+    wake(namespace, owner)
+
+
 @kopf.on.event("", "v1", "pods", labels=MODEL_SERVER)
-async def child_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-    wake(namespace, meta.get("labels", {}).get(LABEL_DEPLOYMENT))
+async def pod_changed(event: kopf.RawEvent, meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    owner = meta.get("labels", {}).get(LABEL_DEPLOYMENT)
+    if not namespace or not owner:
+        return
+    if CACHE.pod_event((namespace, owner), event.get("type"), dict(event["object"])):
+        for listener in POD_LISTENERS:
+            listener(namespace, owner)
+    wake(namespace, owner)
 
 
 @kopf.on.event(GROUP, VERSION, "modelversions")
-async def model_version_changed(name: str | None, namespace: str | None, **_: Any) -> None:
+async def model_version_changed(event: kopf.RawEvent, name: str | None, namespace: str | None, **_: Any) -> None:
     """A live-merge Deployment waiting for its ModelVersion goes on as soon as the version appears."""
+    if not name or not namespace:
+        return
+    if not CACHE.version_event((namespace, name), event.get("type"), dict(event["object"])):
+        return
     for (ns, _dep), watched in list(_watched.items()):
         if ns == namespace and watched.body.spec.get("modelVersion") == name:
             watched.wake.set()
+    for listener in VERSION_LISTENERS:
+        listener(namespace, name)
+
+
+def followed(namespace: str, name: str) -> kopf.Body | None:
+    """The Deployment CR's live body, when this operator follows it (no API call)."""
+    watched = _watched.get((namespace, name))
+    return None if watched is None else watched.body

@@ -4,8 +4,8 @@ metrics (scraped once per tick for every handler)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +13,8 @@ import aiohttp
 
 from loraserve import rollback
 from loraserve.autoscale.signals import RouterSignal, parse_router_addon_metrics, parse_router_metrics
-from loraserve.durations import parse_window
 from loraserve.handlers.deployment import kube
+from loraserve.settings import AutoscalerSettings
 
 
 def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -27,24 +27,6 @@ def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-@dataclass(frozen=True)
-class AutoscalerSettings:
-    tick: float = 2.0
-    router_metrics_urls: tuple[str, ...] = ()
-    router_service: str | None = None  # "name.namespace[:port]": scrape every ready router pod behind it
-    idle_delete_after: float = 7 * 86400.0
-
-    @classmethod
-    def from_env(cls) -> AutoscalerSettings:
-        urls = tuple(u for u in os.environ.get("LORASERVE_ROUTER_METRICS_URLS", "").split(",") if u)
-        return cls(
-            tick=float(os.environ.get("LORASERVE_AUTOSCALE_TICK", "2")),
-            router_metrics_urls=urls,
-            router_service=os.environ.get("LORASERVE_ROUTER_METRICS_SERVICE") or None,
-            idle_delete_after=parse_window(os.environ.get("LORASERVE_IDLE_DELETE_AFTER", "168h")),
-        )
-
-
 @dataclass
 class _RouterCache:
     """One scrape of the routers per tick, shared by every daemon."""
@@ -53,6 +35,7 @@ class _RouterCache:
     texts: list[str] = field(default_factory=list)
     signals: dict[tuple[str, str], RouterSignal] = field(default_factory=dict)
     versions: dict[rollback.SeriesKey, rollback.Counters] | None = None  # parsed on first ask per scrape
+    addons: dict[tuple[str, str, str], RouterSignal] | None = None  # parsed on first ask per scrape
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -85,7 +68,14 @@ async def router_addon_signals(
     session: aiohttp.ClientSession, settings: AutoscalerSettings
 ) -> dict[tuple[str, str, str], RouterSignal]:
     await _scrape(session, settings)
-    return parse_router_addon_metrics(_cache.texts)
+    return latest_addon_signals()
+
+
+def latest_addon_signals() -> dict[tuple[str, str, str], RouterSignal]:
+    """Per (namespace, deployment, addon), from the last scrape."""
+    if _cache.addons is None:
+        _cache.addons = parse_router_addon_metrics(_cache.texts)
+    return _cache.addons
 
 
 async def router_version_counters(
@@ -114,4 +104,11 @@ async def _scrape(session: aiohttp.ClientSession, settings: AutoscalerSettings) 
         _cache.texts = texts
         _cache.signals = parse_router_metrics(texts)
         _cache.versions = None
+        _cache.addons = None
         _cache.at = time.monotonic()
+    for listener in SCRAPE_LISTENERS:
+        listener()
+
+
+# Called after each scrape (e.g. the addons: a request held for an unloaded adapter wakes its addon).
+SCRAPE_LISTENERS: list[Callable[[], None]] = []

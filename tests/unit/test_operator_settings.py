@@ -1,0 +1,69 @@
+"""Operator settings are read once and checked at start: a malformed one names its variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraserve.settings import OperatorSettings
+
+
+def test_defaults() -> None:
+    settings = OperatorSettings.from_env({})
+    assert settings.autoscaler.tick == 2.0
+    assert settings.addon_idle_unload_after == 7 * 86400
+    assert settings.serverless_pool_gc_after == 600
+    assert dict(settings.serverless_pool_spec) == {}
+    assert settings.manifests.fetcher_port == 8001
+
+
+def test_values_are_parsed() -> None:
+    settings = OperatorSettings.from_env(
+        {
+            "LORASERVE_AUTOSCALE_TICK": "0.5",
+            "LORASERVE_ROUTER_METRICS_URLS": "http://r1:9090/metrics,http://r2:9090/metrics",
+            "LORASERVE_ADDON_IDLE_UNLOAD_AFTER": "90s",
+            "LORASERVE_SERVERLESS_POOL_GC_AFTER": "1h",
+            "LORASERVE_SERVERLESS_POOL_SPEC": '{"acceleratorType": "NVIDIA_L4"}',
+        }
+    )
+    assert settings.autoscaler.tick == 0.5
+    assert len(settings.autoscaler.router_metrics_urls) == 2
+    assert settings.addon_idle_unload_after == 90
+    assert settings.serverless_pool_gc_after == 3600
+    assert settings.serverless_pool_spec["acceleratorType"] == "NVIDIA_L4"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("LORASERVE_AUTOSCALE_TICK", "fast"),
+        ("LORASERVE_AUTOSCALE_TICK", "0"),
+        ("LORASERVE_ROUTER_METRICS_URLS", "router:9090/metrics"),
+        ("LORASERVE_ADDON_IDLE_UNLOAD_AFTER", "a week"),
+        ("LORASERVE_IDLE_DELETE_AFTER", "-1h"),
+        ("LORASERVE_SERVERLESS_POOL_GC_AFTER", "10"),
+        ("LORASERVE_SERVERLESS_POOL_SPEC", "{acceleratorType: L4}"),
+        ("LORASERVE_SERVERLESS_POOL_SPEC", "[1, 2]"),
+        ("LORASERVE_DRAIN_SECONDS", "soon"),
+    ],
+)
+def test_a_malformed_setting_names_its_variable(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        OperatorSettings.from_env({key: value})
+
+
+def test_the_operator_does_not_start_on_a_malformed_setting() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORASERVE_SERVERLESS_POOL_GC_AFTER": "ten minutes", "KUBECONFIG": "/nonexistent"}
+    done = subprocess.run(
+        [sys.executable, "-m", "loraserve.cli.main", "operator", "--standalone"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "LORASERVE_SERVERLESS_POOL_GC_AFTER" in done.stderr
