@@ -438,7 +438,7 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
                 del world.deployments[name]
                 for a in mine:
                     del world.addons[a]
-            elif (roll < 0.55 and len(world.addons) < 8) or not world.addons:
+            elif (roll < 0.6 and len(world.addons) < 8) or not world.addons:
                 name = f"ad-{made_addons}"
                 made_addons += 1
                 on = rng.choice(sorted(world.deployments))
@@ -446,7 +446,7 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
                 world.addons[name] = (on, versions)
                 world.ever[name] = served(name, versions)
                 cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(addon(name, on, versions)))
-            elif roll < 0.78:
+            elif roll < 0.85:
                 name = rng.choice(sorted(world.addons))
                 on, _ = world.addons[name]
                 versions = rng.sample(sorted(VERSIONS), rng.choice([1, 2]))
