@@ -449,10 +449,13 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
             elif roll < 0.85:
                 name = rng.choice(sorted(world.addons))
                 on, _ = world.addons[name]
+                if len(world.deployments) > 1 and rng.random() < 0.25:
+                    # Moved to another Deployment: the replicas it leaves must unload it.
+                    on = rng.choice(sorted(set(world.deployments) - {on}))
                 versions = rng.sample(sorted(VERSIONS), rng.choice([1, 2]))
                 world.addons[name] = (on, versions)
                 world.ever[name] |= served(name, versions)
-                patch = json.dumps({"spec": {"targets": targets(versions)}})
+                patch = json.dumps({"spec": {"deployment": on, "targets": targets(versions)}})
                 cluster.kubectl("patch", "lora", name, "-n", ns, "--type=merge", "-p", patch)
             else:
                 name = rng.choice(sorted(world.addons))
