@@ -408,6 +408,7 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
     op = Operator(cluster)
     world = World()
     kills = made_deployments = made_addons = 0
+    done: Counter[str] = Counter()
     started = time.monotonic()
     try:
         cluster.kubectl(
@@ -421,6 +422,7 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
                 made_deployments += 1
                 world.deployments[name] = 1
                 cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(deployment(name, step, 1)))
+                done["create Deployment"] += 1
             elif roll < 0.25:
                 name = rng.choice(sorted(world.deployments))
                 # A new template (a rollout: a fresh replica that has nothing loaded) or another replica count.
@@ -429,6 +431,7 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
                 spec = deployment(name, step, replicas)["spec"]
                 patch = json.dumps({"spec": {"minReplicas": replicas, "extraArgs": spec["extraArgs"]}})
                 cluster.kubectl("patch", "lsd", name, "-n", ns, "--type=merge", "-p", patch)
+                done["update Deployment"] += 1
             elif roll < 0.32 and len(world.deployments) > 1:
                 name = rng.choice(sorted(world.deployments))
                 mine = sorted(a for a, (on, _) in world.addons.items() if on == name)
@@ -438,6 +441,8 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
                 del world.deployments[name]
                 for a in mine:
                     del world.addons[a]
+                done["delete Deployment"] += 1
+                done["delete addon"] += len(mine)
             elif (roll < 0.6 and len(world.addons) < 8) or not world.addons:
                 name = f"ad-{made_addons}"
                 made_addons += 1
@@ -446,21 +451,25 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
                 world.addons[name] = (on, versions)
                 world.ever[name] = served(name, versions)
                 cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(addon(name, on, versions)))
+                done["create addon"] += 1
             elif roll < 0.85:
                 name = rng.choice(sorted(world.addons))
                 on, _ = world.addons[name]
-                if len(world.deployments) > 1 and rng.random() < 0.25:
+                if len(world.deployments) > 1 and rng.random() < 0.35:
                     # Moved to another Deployment: the replicas it leaves must unload it.
                     on = rng.choice(sorted(set(world.deployments) - {on}))
+                    done["move addon"] += 1
                 versions = rng.sample(sorted(VERSIONS), rng.choice([1, 2]))
                 world.addons[name] = (on, versions)
                 world.ever[name] |= served(name, versions)
                 patch = json.dumps({"spec": {"deployment": on, "targets": targets(versions)}})
                 cluster.kubectl("patch", "lora", name, "-n", ns, "--type=merge", "-p", patch)
+                done["re-target addon"] += 1
             else:
                 name = rng.choice(sorted(world.addons))
                 cluster.kubectl("delete", "lora", name, "-n", ns, "--wait=false")
                 del world.addons[name]
+                done["delete addon"] += 1
             if rng.random() < 0.3:
                 # Somewhere in the middle of whatever the operator is doing for the last few operations.
                 time.sleep(rng.uniform(0.0, 2.0))
@@ -500,8 +509,8 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
     counts = servers.counts()
     print(
         f"chaos seed {seed}: {OPERATIONS} operations, {kills} SIGKILLs, {made_deployments} Deployments and "
-        f"{made_addons} addons created, {len(world.deployments)} and {len(world.addons)} left; converged "
-        f"{took:.0f} s after the last operation ({time.monotonic() - started:.0f} s in all); adapter calls "
+        f"{made_addons} addons created, {len(world.deployments)} and {len(world.addons)} left ({dict(done)}); "
+        f"converged {took:.0f} s after the last operation ({time.monotonic() - started:.0f} s in all); adapter calls "
         f"{dict(sorted(counts.items()))}"
     )
     assert kills >= 10
