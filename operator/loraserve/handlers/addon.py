@@ -292,6 +292,9 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
         deployment_name = seat
     else:
         deployment_name = spec.deployment
+    moved_from = previous.get("deployment")
+    if moved_from and moved_from != deployment_name:
+        await _unload_addon(namespace, str(moved_from), name)  # moved to another Deployment: leave the old
     obj = await _read_deployment(namespace, deployment_name)
     deployment = DeploymentSpec.model_validate(obj["spec"]) if obj else None
     base.update(deployment=deployment_name, versions=addons.weights_text(name, spec, versions))
@@ -578,16 +581,21 @@ async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> N
     deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
     if not deployment_name:
         return
+    await _unload_addon(namespace, deployment_name, name)
+    logger.info(f"unloaded addon {name} from {deployment_name}")
+
+
+async def _unload_addon(namespace: str, deployment_name: str, name: str) -> None:
+    """Every version of addon `name` off every ready replica of `deployment_name` (best effort: a replica
+    that does not answer keeps it until it restarts)."""
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = operator_settings().manifests.fetcher_port
     auth = model_server_tokens().authorization(namespace, deployment_name)
     async with aiohttp.ClientSession(headers=auth) as session:
         for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
             if replica is not None:
-                await _unload(
-                    session, replica, sorted(n for n in replica.loaded if addons.owned_by(name, n)), fetcher_port
-                )
-    logger.info(f"unloaded addon {name} from {deployment_name}")
+                owned = sorted(n for n in replica.loaded if addons.owned_by(name, n))
+                await _unload(session, replica, owned, fetcher_port)
 
 
 # -- the serverless pools' garbage collection -------------------------------------------------------------
