@@ -195,19 +195,18 @@ class PodRunner:
         shutil.rmtree(self.pod_dir, ignore_errors=True)
 
     def _pre_stop(self, container: dict[str, Any], deadline: float) -> None:
-        argv = local_command({"command": container["lifecycle"]["preStop"]["exec"]["command"]}, self.vllm_python)
-        if argv is None:
-            log.warning(
-                "pod %s: no local program for the preStop hook of %s", self.pod["metadata"]["name"], container["name"]
-            )
+        pod, name = self.pod["metadata"]["name"], container["name"]
+        hook = {**container, "command": container["lifecycle"]["preStop"]["exec"]["command"], "args": []}
+        prepared = self._in_pod(hook)
+        if prepared is None:
+            log.warning("pod %s: no local program for the preStop hook of %s", pod, name)
             return
-        mounts = self._mounts(container)
-        argv = [argv[0], *(rewrite_paths(a, mounts) for a in argv[1:])]
-        with open(self.pod_dir / f"{container['name']}.prestop.log", "ab") as out:
+        argv, env = prepared
+        with open(self.pod_dir / f"{name}.prestop.log", "ab") as out:
             try:
                 subprocess.run(
-                    ["ip", "netns", "exec", self.network.netns, *argv],
-                    env=self._env(container, mounts),
+                    argv,
+                    env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -216,9 +215,17 @@ class PodRunner:
                     check=False,
                 )
             except subprocess.TimeoutExpired:
-                log.warning(
-                    "pod %s: preStop of %s outlived the grace period", self.pod["metadata"]["name"], container["name"]
-                )
+                log.warning("pod %s: preStop of %s outlived the grace period", pod, name)
+
+    def _in_pod(self, container: dict[str, Any]) -> tuple[list[str], dict[str, str]] | None:
+        """The container's program as run here (in the pod's network namespace, volume paths mapped to the pod's
+        folders) and its environment; None when it has no local program."""
+        argv = local_command(container, self.vllm_python)
+        if argv is None:
+            return None
+        mounts = self._mounts(container)
+        argv = [argv[0], *(rewrite_paths(a, mounts) for a in argv[1:])]
+        return ["ip", "netns", "exec", self.network.netns, *argv], self._env(container, mounts)
 
     def _mounts(self, container: dict[str, Any]) -> dict[str, str]:
         out = {}
@@ -240,18 +247,17 @@ class PodRunner:
         return env
 
     def _spawn(self, container: dict[str, Any], state: ContainerState) -> bool:
-        argv = local_command(container, self.vllm_python)
-        if argv is None:
+        prepared = self._in_pod(container)
+        if prepared is None:
             state.waiting_reason = "UnsupportedLocally"
             state.waiting_message = f"no local program for container {container['name']!r}"
             return False
-        mounts = self._mounts(container)
-        argv = [argv[0], *(rewrite_paths(a, mounts) for a in argv[1:])]
+        argv, env = prepared
         log_path = self.pod_dir / f"{container['name']}.log"
         with open(log_path, "ab") as out:
             state.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.network.netns, *argv],
-                env=self._env(container, mounts),
+                argv,
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
