@@ -125,3 +125,16 @@ def _same_ports(live: dict[str, Any], manifest: dict[str, Any]) -> bool:
         return sorted((p.get("name"), p.get("port"), str(p.get("targetPort"))) for p in svc["spec"]["ports"])
 
     return key(live) == key(manifest) and live["spec"].get("selector") == manifest["spec"]["selector"]
+
+
+def api_error_text(exc: client.ApiException) -> str:
+    """`403 Forbidden: deployments.serving.loraserve.dev is forbidden: ... cannot create resource ...`: the API
+    server's own words, for logs and status (a Status body's message; the reason alone says too little)."""
+    message = ""
+    try:
+        body = json.loads(exc.body or "")
+        if isinstance(body, dict):
+            message = str(body.get("message") or "")
+    except (TypeError, ValueError):
+        pass
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")

@@ -31,6 +31,7 @@ from loraserve.handlers.load import (
     router_version_counters,
 )
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
+from loraserve.kube import api_error_text
 from loraserve.settings import operator_settings
 from loraserve.status import condition, kstatus_conditions, merge_conditions, status_patch
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
@@ -349,6 +350,8 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     async with aiohttp.ClientSession(headers=auth) as session:
         observed = await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods)))
         replicas = [r for r in observed if r is not None]
+        if replicas:  # kept warm means loaded somewhere: a version that never loaded is not listed as warm
+            retired = {k: v for k, v in retired.items() if any(k in r.loaded for r in replicas)}
         failures: list[addons.Refusal] = []
         for step in addons.plan(name, wanted, set(retired), replicas):
             if step.unload:
@@ -449,7 +452,7 @@ async def loraaddon_follow(
         except ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile
-            logger.warning(f"reconcile of addon {name} failed ({exc.status} {exc.reason}); retrying")
+            logger.warning(f"reconcile of addon {name} failed, retrying: {api_error_text(exc)}")
             return UNREACHABLE_RETRY
         placed = patch.status.get("deployment") or body.spec.get("deployment")
         if placed:

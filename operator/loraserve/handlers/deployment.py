@@ -19,7 +19,7 @@ from loraserve.api.naming import LABEL_DEPLOYMENT, LABEL_NAME, child_name, selec
 from loraserve.handlers.cache import ClusterCache
 from loraserve.handlers.follow import follow
 from loraserve.handlers.metrics import record_replicas
-from loraserve.kube import Kube
+from loraserve.kube import Kube, api_error_text
 from loraserve.resources.model_server import (
     build_deployment,
     build_network_policy,
@@ -211,7 +211,7 @@ async def deployment_follow(
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile
-            logger.warning(f"reconcile of {name} failed ({exc.status} {exc.reason}); retrying")
+            logger.warning(f"reconcile of {name} failed, retrying: {api_error_text(exc)}")
             watched.refresh = True
             return RETRY_SECONDS
         return RESYNC_SECONDS
