@@ -523,11 +523,11 @@ def _wake_served_on(namespace: str, deployment_name: str) -> None:
 def _replicas_changed(namespace: str, deployment_name: str) -> None:
     """A replica became ready, restarted (forgetting its adapters) or left: its addons look again."""
     pods = deployments.CACHE.pod_list((namespace, deployment_name)) or []
-    LOADED.forget({p["metadata"]["name"] for p in pods} | _known_replicas(namespace, deployment_name))
+    LOADED.forget({p["metadata"]["name"] for p in pods} | _gone_replicas(namespace, deployment_name))
     _wake_served_on(namespace, deployment_name)
 
 
-def _known_replicas(namespace: str, deployment_name: str) -> set[str]:
+def _gone_replicas(namespace: str, deployment_name: str) -> set[str]:
     entry = deployments.CACHE.pods.get((namespace, deployment_name))
     return set(entry.gone) if entry else set()
 
