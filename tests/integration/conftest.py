@@ -99,11 +99,30 @@ class Operator:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: LocalCluster) -> Iterator[Operator]:
+def suite_operator(cluster: LocalCluster) -> Iterator[Operator]:
     op = Operator(cluster)
-    op.start()
     yield op
     op.kill()
+
+
+@pytest.fixture
+def operator(suite_operator: Operator) -> Operator:
+    """The suite's cluster-wide operator, running (started again if a test before stopped it)."""
+    if suite_operator.proc is None:
+        suite_operator.start()
+    return suite_operator
+
+
+@pytest.fixture
+def sole_operator(cluster: LocalCluster, suite_operator: Operator) -> Iterator[Operator]:
+    """An operator of the test's own, killable at will, and the only one acting: the suite's operator (standalone,
+    so it ignores peering) is stopped for the test; otherwise two would load the same adapters at once."""
+    suite_operator.kill()
+    op = Operator(cluster)
+    try:
+        yield op
+    finally:
+        op.kill()
 
 
 # Deployments that should really run ask for the run pool's node: its region and a toleration of its taint

@@ -79,9 +79,9 @@ def epoch(text: str | None) -> float:
 
 
 def test_standby_takes_over_without_redoing_or_undoing_anything(
-    cluster: LocalCluster, operator: Operator, load_source: LoadSource, namespace: str, tmp_path: Path
+    cluster: LocalCluster, sole_operator: Operator, load_source: LoadSource, namespace: str, tmp_path: Path
 ) -> None:
-    operator.kill()  # the suite's cluster-wide operator must not act here: only the chart's two replicas
+    # The suite's cluster-wide operator is stopped (sole_operator, never started): only the chart's two replicas act.
     ns, system = namespace, f"{namespace}-sys"
     helm = cluster.binary("helm")
     install = [helm, "install", "ha", str(CHART), "-n", system, "--create-namespace"]
@@ -181,4 +181,3 @@ def test_standby_takes_over_without_redoing_or_undoing_anything(
             proc.wait()
         subprocess.run([helm, "uninstall", "ha", "-n", system], env=cluster.env(), capture_output=True)
         cluster.kubectl("delete", "namespace", system, "--wait=false", check=False)
-        operator.start()

@@ -61,11 +61,13 @@ def converged(cluster: LocalCluster, ns: str, live: dict[str, int]) -> str | Non
     return None
 
 
-def test_operator_killed_at_random_points_converges(cluster: LocalCluster, namespace: str) -> None:
+def test_operator_killed_at_random_points_converges(
+    cluster: LocalCluster, sole_operator: Operator, namespace: str
+) -> None:
     ns = namespace
     seed = int(os.environ.get("LORASERVE_CHAOS_SEED", "13"))
     rng = random.Random(seed)
-    op = Operator(cluster)
+    op = sole_operator
     op.start()
     live: dict[str, int] = {}
     created = kills = 0

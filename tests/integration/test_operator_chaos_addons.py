@@ -391,7 +391,9 @@ def converged(cluster: LocalCluster, ns: str, world: World, servers: FakeModelSe
     return None
 
 
-def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCluster, namespace: str) -> None:
+def test_operator_killed_at_random_points_converges_with_addons(
+    cluster: LocalCluster, sole_operator: Operator, namespace: str
+) -> None:
     ns = namespace
     seed = int(os.environ.get("LORASERVE_CHAOS_SEED", "13"))
     print(f"chaos seed {seed}")
@@ -405,7 +407,7 @@ def test_operator_killed_at_random_points_converges_with_addons(cluster: LocalCl
     stop = threading.Event()
     follower = threading.Thread(target=follow_pods, args=(api, ns, servers, stop), daemon=True)
     follower.start()
-    op = Operator(cluster)
+    op = sole_operator
     world = World()
     kills = made_deployments = made_addons = 0
     done: Counter[str] = Counter()

@@ -78,25 +78,37 @@ class LoadedAdapters:
     def __init__(self) -> None:
         self._seen: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Loads and unloads that finished while the replica was being asked: its answer may predate them.
+        self._during: dict[tuple[str, str], list[tuple[str, bool]]] = {}
 
     async def observe(self, session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
         key = (name, ip)
         async with self._locks.setdefault(key, asyncio.Lock()):
             seen = self._seen.get(key)
             if seen is None or time.monotonic() - seen[0] > LOADED_TTL:
+                self._during[key] = []
                 try:
-                    loaded = await VllmAdmin(f"http://{ip}:{MODEL_SERVER_PORT}", session).loaded_adapters()
+                    loaded = set(await VllmAdmin(f"http://{ip}:{MODEL_SERVER_PORT}", session).loaded_adapters())
                 except VllmError:
                     self._seen.pop(key, None)
                     return None  # not answering: treated as not having anything; asked again soon
+                finally:
+                    during = self._during.pop(key, [])
+                for adapter, present in during:
+                    (loaded.add if present else loaded.discard)(adapter)
                 seen = self._seen[key] = (time.monotonic(), frozenset(loaded))
         return addons.Replica(name, ip, seen[1])
 
     def changed(self, replica: addons.Replica, loaded: str | None = None, unloaded: str | None = None) -> None:
         key = (replica.name, replica.ip)
+        moves = ([(loaded, True)] if loaded else []) + ([(unloaded, False)] if unloaded else [])
+        if key in self._during:
+            self._during[key] += moves
         if key in self._seen:
             at, names = self._seen[key]
-            self._seen[key] = (at, (names | {loaded} if loaded else names) - ({unloaded} if unloaded else set()))
+            for adapter, present in moves:
+                names = names | {adapter} if present else names - {adapter}
+            self._seen[key] = (at, names)
 
     def forget(self, pod_names: set[str]) -> None:
         """Replicas that restarted, left or became ready: asked afresh next time."""
