@@ -710,3 +710,61 @@ def test_takeover_within_a_down_window_scales_down_no_earlier() -> None:
     # it scales down once it has watched a whole window itself
     feed(new, T0 + 101 + DOWN, T0 + 405 + DOWN, 0)
     assert new.desired(T0 + 405 + DOWN, 4) == Decision(1, Reason.SCALE_DOWN, f"load asked for <= 1 through {DOWN:g}s")
+
+
+# ---- when an idle Deployment must be looked at again ---------------------------------------------------
+
+
+def _what(decision: Decision) -> tuple[int, Reason]:
+    return decision.replicas, decision.reason  # the message counts the seconds idle
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    changes=st.lists(st.tuples(st.integers(1, 1500), st.integers(0, 30)), min_size=1, max_size=6),
+    min_replicas=st.integers(0, 2),
+    current=st.integers(0, 3),
+)
+def test_idle_decisions_change_only_at_next_change(
+    changes: list[tuple[int, int]], min_replicas: int, current: int
+) -> None:
+    """An idle Deployment is looked at only at `next_change`: between looks, with no load and no new sample,
+    `desired` must not move (else a scale-down or scale to zero would wait for the resync)."""
+    policy = make(min_replicas=min_replicas, up=30, down=100, zero=300)
+    schedule = sorted({T0 + t: load for t, load in changes}.items())
+    ends = [t for t, _ in schedule[1:]] + [T0 + 2000]
+    for (start, load), end in zip(schedule, ends, strict=True):
+        policy.observe(start, float(load), 1 if load else 0)
+        if load:
+            continue  # busy: looked at every tick, not by deadline
+        look = start
+        while look < end:
+            decided = _what(policy.desired(look, current))
+            nxt = policy.next_change(look)
+            until = min(nxt if nxt is not None else end, end)
+            for t in range(int(look) + 1, math.ceil(until)):
+                assert _what(policy.desired(float(t), current)) == decided, (look, t, nxt)
+            if nxt is None or nxt >= end:
+                break
+            look = nxt
+
+
+def test_next_look_is_a_tick_while_busy_else_the_first_deadline_within_bounds() -> None:
+    from loraserve.autoscale import next_look
+
+    assert next_look(T0, 2.0, True, (T0 + 500,), 300.0) == 2.0
+    assert next_look(T0, 2.0, False, (T0 + 500, None, T0 + 60), 300.0) == 60.0
+    assert next_look(T0, 2.0, False, (T0 + 0.5,), 300.0) == 2.0  # no sooner than a tick
+    assert next_look(T0, 2.0, False, (None, T0 + 9000), 300.0) == 300.0
+    assert next_look(T0, 2.0, False, (), 300.0) == 300.0
+
+
+def test_idle_gc_at_is_the_moment_idle_gc_becomes_due() -> None:
+    from loraserve.autoscale import idle_gc_at
+
+    assert idle_gc_at(T0, T0 - 10, 0, False, gc_age=60) == T0 + 60
+    assert idle_gc_at(None, T0, 0, False, gc_age=60) == T0 + 60
+    assert idle_gc_at(None, T0, 1, False) is None
+    assert idle_gc_at(None, T0, 0, True) is None
+    assert idle_gc_due(T0 + 60, T0, T0 - 10, 0, False, gc_age=60)
+    assert not idle_gc_due(T0 + 59.9, T0, T0 - 10, 0, False, gc_age=60)

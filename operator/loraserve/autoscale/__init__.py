@@ -6,7 +6,18 @@ from loraserve.autoscale.policy import (
     Reason,
     ScalingPolicy,
     ScalingSettings,
+    idle_gc_at,
     idle_gc_due,
+    next_look,
 )
 
-__all__ = ["Decision", "GpuMeter", "Reason", "ScalingPolicy", "ScalingSettings", "idle_gc_due"]
+__all__ = [
+    "Decision",
+    "GpuMeter",
+    "Reason",
+    "ScalingPolicy",
+    "ScalingSettings",
+    "idle_gc_at",
+    "idle_gc_due",
+    "next_look",
+]

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -289,6 +289,19 @@ class ScalingPolicy:
             return Decision(target, Reason.SCALE_DOWN, f"load asked for <= {down} through {s.scale_down_window:g}s")
         return Decision(base, reason, msg)
 
+    def next_change(self, now: float) -> float | None:
+        """The earliest time after `now` at which :meth:`desired` may answer differently with no new sample:
+        when a recommendation leaves the up or down window (or the history first fills one), or the zero
+        window ends. None: nothing pending (only new load can change the answer). With load > 0 the caller
+        samples every tick anyway; this is for the quiet between events."""
+        s = self.settings
+        times = [t + w for t, _ in self._samples for w in (s.scale_up_window, s.scale_down_window)]
+        deadline = self.zero_deadline()
+        if deadline is not None and self.last_request_time is not None:
+            times.append(deadline)
+        later = [t for t in times if t > now]
+        return min(later) if later else None
+
     # ---- persistence -----------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -317,6 +330,34 @@ class ScalingPolicy:
         return policy
 
 
+def next_look(now: float, tick: float, busy: bool, deadlines: Iterable[float | None], resync: float) -> float:
+    """Seconds until a Deployment's autoscaler looks again: every tick while busy (load, or a change under
+    way), else at its first deadline (a window's end, idle GC, the GPU meter's status write), no sooner than a
+    tick and no later than `resync`. Between looks, events wake it (traffic, a spec change, a replica)."""
+    if busy:
+        return tick
+    due = min((d - now for d in deadlines if d is not None), default=resync)
+    return min(max(due, tick), resync)
+
+
+def idle_gc_at(
+    last_request_time: float | None,
+    created_at: float,
+    min_replicas: int,
+    keep_annotation: bool,
+    gc_age: float = 7 * 86400,
+) -> float | None:
+    """When a Deployment becomes due for idle garbage collection (None: never, as things stand).
+
+    Only minReplicas 0 deployments, never one carrying the keep (opt-out) annotation; due once no request
+    for `gc_age` seconds, counting from creation when none was ever seen (or the last request predates it).
+    """
+    if min_replicas != 0 or keep_annotation:
+        return None
+    since = created_at if last_request_time is None else max(last_request_time, created_at)
+    return since + gc_age
+
+
 def idle_gc_due(
     now: float,
     last_request_time: float | None,
@@ -325,15 +366,9 @@ def idle_gc_due(
     keep_annotation: bool,
     gc_age: float = 7 * 86400,
 ) -> bool:
-    """Whether a Deployment is due for idle garbage collection.
-
-    Only minReplicas 0 deployments, never one carrying the keep (opt-out) annotation; due once no request
-    for `gc_age` seconds, counting from creation when none was ever seen (or the last request predates it).
-    """
-    if min_replicas != 0 or keep_annotation:
-        return False
-    since = created_at if last_request_time is None else max(last_request_time, created_at)
-    return now - since >= gc_age
+    """Whether a Deployment is due for idle garbage collection (see :func:`idle_gc_at`)."""
+    due = idle_gc_at(last_request_time, created_at, min_replicas, keep_annotation, gc_age)
+    return due is not None and now >= due
 
 
 @dataclass

@@ -18,11 +18,12 @@ from prometheus_client import Counter
 from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.naming import KEEP_ANNOTATION, MODEL_SERVER_PORT
-from loraserve.autoscale.policy import GpuMeter, ScalingPolicy, ScalingSettings, idle_gc_due
+from loraserve.autoscale.policy import GpuMeter, ScalingPolicy, ScalingSettings, idle_gc_at, next_look
 from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
-from loraserve.handlers.deployment import kube, observed_child, observed_pods
-from loraserve.handlers.load import ready_replicas, router_signals
+from loraserve.handlers.deployment import POD_LISTENERS, kube, observed_pods
+from loraserve.handlers.follow import follow
+from loraserve.handlers.load import SCRAPE_LISTENERS, latest_signals, ready_replicas, router_signals, scrape_routers
 from loraserve.handlers.metrics import forget_deployment
 from loraserve.resources.model_server import desired_replicas
 from loraserve.settings import operator_settings
@@ -37,6 +38,9 @@ SCALE_DECISIONS = Counter("loraserve_scale_decisions_total", "Replica changes", 
 # loraserve_gpu_seconds_total; status is a summary, and a write per Deployment every few seconds would be
 # most of the API server's load at a thousand Deployments.
 STATUS_EVERY = 60.0
+# An idle Deployment's autoscaler looks at least this often (it is woken by events; this is a safety net).
+RESYNC_SECONDS = 300.0
+COALESCE_SECONDS = 0.2
 
 
 async def _replica_load(session: aiohttp.ClientSession, ips: list[str]) -> float:
@@ -70,10 +74,78 @@ def _scale(namespace: str, name: str, replicas: int) -> None:
     )
 
 
+class Scaled:
+    """One Deployment's autoscaler as its traffic and its events see it."""
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.requests_total: float | None = None  # the routers' counter at the last look
+        self.generation: Any = None
+
+
+# (namespace, name) -> its autoscaler; registered by its daemon and removed when the daemon ends.
+_scaled: dict[tuple[str, str], Scaled] = {}
+
+
+def _wake_on_traffic() -> None:
+    """After each scrape of the routers: a Deployment with requests in flight or held, or new requests since
+    its last look, looks now (an idle one is otherwise looked at only at its own deadlines)."""
+    for key, signal in latest_signals().items():
+        scaled = _scaled.get(key)
+        if scaled is not None and (
+            signal.in_flight > 0 or signal.held > 0 or signal.requests_total != scaled.requests_total
+        ):
+            scaled.wake.set()
+
+
+def _wake_on_replicas(namespace: str, name: str) -> None:
+    """A replica became ready, left or restarted: the GPU meter and the schedulable count move."""
+    scaled = _scaled.get((namespace, name))
+    if scaled is not None:
+        scaled.wake.set()
+
+
+SCRAPE_LISTENERS.append(_wake_on_traffic)
+POD_LISTENERS.append(_wake_on_replicas)
+
+
+@kopf.on.event(GROUP, VERSION, "deployments")
+async def deployment_respecified(
+    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, **_: Any
+) -> None:
+    """A new generation (windows, min/max, or spec.replicas set from outside: the router waking it from zero,
+    kubectl scale) or the keep annotation: its autoscaler looks again."""
+    scaled = _scaled.get((namespace or "", name or ""))
+    if scaled is None or event.get("type") == "DELETED":
+        return
+    seen = (body.metadata.get("generation"), (body.metadata.annotations or {}).get(KEEP_ANNOTATION))
+    if seen != scaled.generation:
+        scaled.generation = seen
+        scaled.wake.set()
+
+
+_scraping: asyncio.Task[None] | None = None
+
+
+@kopf.on.startup()
+async def start_scraping_routers(**_: Any) -> None:
+    global _scraping
+    _scraping = asyncio.create_task(scrape_routers(operator_settings().autoscaler))
+
+
+@kopf.on.cleanup()
+async def stop_scraping_routers(**_: Any) -> None:
+    if _scraping is not None:
+        _scraping.cancel()
+
+
 @kopf.daemon(GROUP, VERSION, "deployments", cancellation_timeout=10.0)  # type: ignore[arg-type]
 async def deployment_autoscaler(
     body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
+    """Looks every tick while the Deployment has traffic or a change under way; idle, only when woken (traffic
+    seen by the routers, a new spec, a replica's readiness) or at its next deadline (a window ending, idle GC,
+    the GPU meter's status write once a minute)."""
     settings = operator_settings().autoscaler
     created = _epoch(body.metadata.get("creationTimestamp")) or time.time()
     status = dict(body.status or {})
@@ -84,80 +156,82 @@ async def deployment_autoscaler(
         {"createdAt": created, "lastRequestTime": _epoch(status.get("lastRequestTime"))},
     )
     meter = GpuMeter(total=float(status.get("gpuSeconds") or 0.0))
-    last_total: float | None = None
     # What the operator last asked for: a higher spec.replicas than this was set from outside (a wake-up).
     last_applied: int = int(status.get("desiredReplicas") or 0)
     last_written = 0.0
     written: dict[str, Any] = {}
+    scaled = _scaled[(namespace, name)] = Scaled()
+
+    async def look(_: bool) -> float | None:
+        nonlocal last_applied, last_written
+        now = time.time()
+        spec = DeploymentSpec.model_validate(dict(body.spec))
+        if spec.replicas is None:  # the deployment handler sets it on first reconcile
+            return settings.tick
+        policy.update_settings(ScalingSettings.from_spec(spec))
+        current = desired_replicas(spec)
+        if current > last_applied:
+            policy.record_request(now)  # woken from outside (the router at zero, or kubectl scale)
+        signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
+        pods = await observed_pods(namespace, name)  # kept current by watch events
+        ips = [ip for _, ip in ready_replicas(pods)]
+        load = max(signal.in_flight, await _replica_load(session, ips))
+        previous_total, scaled.requests_total = scaled.requests_total, signal.requests_total
+        arrived = 0 if previous_total is None else int(signal.requests_total - previous_total)
+        policy.observe(now, load, arrived, last_request_at=signal.last_request)
+        unschedulable = 1 if gpu_stockout(pods) else 0
+        schedulable = max(0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable)
+        decision = policy.desired(now, current, schedulable if unschedulable else None)
+        logger.debug(f"load {load:g} (router {signal.in_flight:g}), {current} replicas -> {decision}")
+        new_status: dict[str, Any] = {}
+        scaling = decision.replicas != current
+        if scaling:
+            await asyncio.to_thread(_scale, namespace, name, decision.replicas)
+            SCALE_DECISIONS.labels(namespace, name, decision.reason.value).inc()
+            message = f"{current} -> {decision.replicas} replicas: {decision.reason.value} (load {load:g})"
+            kopf.info(body, reason="Scaled", message=message)
+            logger.info(message)
+            new_status.update(
+                lastScaleTime=_iso(now), scaleReason=f"{decision.reason.value}: {decision.message}".rstrip(": ")
+            )
+            current = decision.replicas
+        last_applied = current
+        added = meter.sample(now, len(ips), spec.effective_accelerator_count)
+        if added:
+            GPU_SECONDS.labels(namespace, name, spec.accelerator_type.value).inc(added)
+        if policy.last_request_time is not None:
+            # Rounded up to the second status keeps: a successor's zero clock is never earlier.
+            new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
+        changed = {k: v for k, v in new_status.items() if written.get(k) != v}
+        # The meter alone moves on every look: it rides along with another change, or once a minute.
+        if changed or now - last_written >= STATUS_EVERY:
+            if written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
+                changed["gpuSeconds"] = gpu
+            if changed:
+                await asyncio.to_thread(_patch_status, namespace, name, changed)
+                written.update(changed)
+            last_written = now
+        gc_age = parse_window(spec.idle_delete_after) if spec.idle_delete_after else settings.idle_delete_after
+        keep = (body.metadata.annotations or {}).get(KEEP_ANNOTATION) == "true"
+        gc_at = idle_gc_at(policy.last_request_time, created, spec.min_replicas, keep, gc_age)
+        if gc_at is not None and now >= gc_at:
+            idle_for = now - (policy.last_request_time or created)
+            kopf.warn(
+                body, reason="IdleDeleted", message=f"no request for {idle_for:.0f}s (limit {gc_age:.0f}s): deleting"
+            )
+            await asyncio.sleep(1.0)  # let the Event land before the object goes
+            await asyncio.to_thread(
+                kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
+            )
+            return None
+        busy = load > 0 or signal.held > 0 or arrived > 0 or scaling
+        meter_due = last_written + STATUS_EVERY if ips else None
+        return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), RESYNC_SECONDS)
+
     try:
         async with aiohttp.ClientSession() as session:
-            while not stopped:
-                now = time.time()
-                spec = DeploymentSpec.model_validate(dict(body.spec))
-                if spec.replicas is None:  # the deployment handler sets it on first reconcile
-                    await stopped.wait(settings.tick)
-                    continue
-                policy.update_settings(ScalingSettings.from_spec(spec))
-                current = desired_replicas(spec)
-                if current > last_applied:
-                    policy.record_request(now)  # woken from outside (the router at zero, or kubectl scale)
-                signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
-                pods = await observed_pods(namespace, name)  # kept current by watch events
-                ips = [ip for _, ip in ready_replicas(pods)]
-                load = max(signal.in_flight, await _replica_load(session, ips))
-                arrived = 0 if last_total is None else int(signal.requests_total - last_total)
-                last_total = signal.requests_total
-                policy.observe(now, load, arrived, last_request_at=signal.last_request)
-                unschedulable = 1 if gpu_stockout(pods) else 0
-                schedulable = max(
-                    0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable
-                )
-                decision = policy.desired(now, current, schedulable if unschedulable else None)
-                logger.debug(f"load {load:g} (router {signal.in_flight:g}), {current} replicas -> {decision}")
-                new_status: dict[str, Any] = {}
-                if decision.replicas != current:
-                    await asyncio.to_thread(_scale, namespace, name, decision.replicas)
-                    SCALE_DECISIONS.labels(namespace, name, decision.reason.value).inc()
-                    message = f"{current} -> {decision.replicas} replicas: {decision.reason.value} (load {load:g})"
-                    kopf.info(body, reason="Scaled", message=message)
-                    logger.info(message)
-                    new_status.update(
-                        lastScaleTime=_iso(now), scaleReason=f"{decision.reason.value}: {decision.message}".rstrip(": ")
-                    )
-                    current = decision.replicas
-                last_applied = current
-                child = await observed_child(namespace, name)
-                ready = int(((child or {}).get("status") or {}).get("readyReplicas") or 0)
-                added = meter.sample(now, ready, spec.effective_accelerator_count)
-                if added:
-                    GPU_SECONDS.labels(namespace, name, spec.accelerator_type.value).inc(added)
-                if policy.last_request_time is not None:
-                    # Rounded up to the second status keeps: a successor's zero clock is never earlier.
-                    new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
-                changed = {k: v for k, v in new_status.items() if written.get(k) != v}
-                # The meter alone moves every tick: it rides along with another change, or once a minute.
-                if changed or now - last_written >= STATUS_EVERY:
-                    if written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
-                        changed["gpuSeconds"] = gpu
-                    if changed:
-                        await asyncio.to_thread(_patch_status, namespace, name, changed)
-                        written.update(changed)
-                    last_written = now
-                gc_age = parse_window(spec.idle_delete_after) if spec.idle_delete_after else settings.idle_delete_after
-                keep = (body.metadata.annotations or {}).get(KEEP_ANNOTATION) == "true"
-                if idle_gc_due(now, policy.last_request_time, created, spec.min_replicas, keep, gc_age):
-                    idle_for = now - (policy.last_request_time or created)
-                    kopf.warn(
-                        body,
-                        reason="IdleDeleted",
-                        message=f"no request for {idle_for:.0f}s (limit {gc_age:.0f}s): deleting",
-                    )
-                    await asyncio.sleep(1.0)  # let the Event land before the object goes
-                    await asyncio.to_thread(
-                        kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
-                    )
-                    return
-                await stopped.wait(settings.tick)
-
+            await follow(scaled.wake, stopped, look, COALESCE_SECONDS)
     finally:
+        if _scaled.get((namespace, name)) is scaled:
+            del _scaled[(namespace, name)]
         forget_deployment(namespace, name)  # a deleted Deployment leaves no stale gauges

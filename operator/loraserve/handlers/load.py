@@ -4,6 +4,7 @@ metrics (scraped once per tick for every handler)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,11 @@ async def router_addon_signals(
     return latest_addon_signals()
 
 
+def latest_signals() -> dict[tuple[str, str], RouterSignal]:
+    """Per (namespace, deployment), from the last scrape."""
+    return _cache.signals
+
+
 def latest_addon_signals() -> dict[tuple[str, str, str], RouterSignal]:
     """Per (namespace, deployment, addon), from the last scrape."""
     if _cache.addons is None:
@@ -108,6 +114,18 @@ async def _scrape(session: aiohttp.ClientSession, settings: AutoscalerSettings) 
         _cache.at = time.monotonic()
     for listener in SCRAPE_LISTENERS:
         listener()
+
+
+async def scrape_routers(settings: AutoscalerSettings) -> None:
+    """Scrape the routers once per tick, for as long as the operator runs: the listeners decide whom the
+    traffic wakes, so an idle Deployment or addon is not looked at between its own deadlines."""
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                await _scrape(session, settings)
+            except Exception as exc:  # one failed scrape (e.g. listing router pods) is not the end
+                logging.getLogger(__name__).warning(f"scraping the routers failed: {exc!r}")
+            await asyncio.sleep(settings.tick)
 
 
 # Called after each scrape (e.g. the addons: a request held for an unloaded adapter wakes its addon).
