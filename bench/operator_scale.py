@@ -20,7 +20,9 @@ loaded adapters are kept per local address the connection came to). Then:
    ModelVersion k of its namespace), --concurrency requests at a time,
    and watches both kinds: per object, create->READY latency is from the create's answer to the first
    watch event with state READY; "all reconciled" is when every object is READY at once (progress every 10 s);
-3. after --settle seconds, an idle window of --idle seconds: apiserver requests per second minus the
+3. after --settle seconds and once the operator's API rate is steady (two 10 s windows within 15 %, or
+   under 1 request/s; at most --quiet-max seconds: Kopf's backlog after a burst of creates is not idle cost),
+   an idle window of --idle seconds: apiserver requests per second minus the
    baseline's rate (the operator's share), by verb and resource; the fake's requests per second by path;
    the operator's RSS and CPU (% of one core, from /proc/<pid>); and API calls per object per minute;
 4. stops everything and deletes the control plane's data before the next size.
@@ -405,6 +407,24 @@ def rates(after: dict[RequestKey, float], before: dict[RequestKey, float], secon
     return {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items() if v != before.get(k, 0.0)}
 
 
+async def settle(api: Api, baseline_rps: float, limit: float) -> float:
+    """Wait until the operator's API rate (beyond the baseline) is steady: two 10 s windows within 15 % of each
+    other, or under 1 request/s; at most `limit` seconds. Returns the seconds waited."""
+    start = time.monotonic()
+    before, at = await api.request_counts(), time.monotonic()
+    previous: float | None = None
+    while time.monotonic() - start < limit:
+        await asyncio.sleep(10)
+        now_counts, now = await api.request_counts(), time.monotonic()
+        rate = max(0.0, sum(rates(now_counts, before, now - at).values()) - baseline_rps)
+        before, at = now_counts, now
+        print(f"  settling: operator {rate:.1f} API requests/s", flush=True)
+        if rate < 1.0 or (previous is not None and abs(rate - previous) <= 0.15 * max(previous, rate)):
+            break
+        previous = rate
+    return time.monotonic() - start
+
+
 async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     total = n * (1 + ADDONS_PER_DEPLOYMENT)
     print(f"\n=== N={n}: {n} Deployments x {ADDONS_PER_DEPLOYMENT} LoraAddons = {total} objects ===", flush=True)
@@ -511,8 +531,11 @@ async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str,
             extra = sum(c_converged.values()) - sum(c_create.values()) - result["baseline_rps"] * conv_s - own
             result["converge_calls_per_object"] = extra / total
 
-            # 3. idle window
+            # 3. idle window, once the API rate has settled (Kopf's backlog of finalizer and diffbase patches,
+            # Events and status writes after a burst of creates is convergence, not idle cost)
             await asyncio.sleep(args.settle)
+            result["settled_s"] = await settle(api, result["baseline_rps"], args.quiet_max)
+            result["settle_wait"] = args.settle
             f0, c0, cpu0, t0 = (
                 await fake_stats(session, stack.stats_port),
                 await api.request_counts(),
@@ -562,6 +585,7 @@ def print_size(r: dict[str, Any]) -> None:
         p50, p99, top = r[f"lat_{kind}"]
         print(f"create->READY {name:12s} p50 {p50:7.2f} s  p99 {p99:7.2f} s  max {top:7.2f} s")
     per_obj = r["operator_rps"] / total
+    print(f"API rate settled {r['settled_s']:.0f} s after convergence (+{r.get('settle_wait', 0):.0f} s fixed wait)")
     print(
         f"apiserver while idle ({r['idle_s']:.0f} s): {r['idle_rps']:.1f} requests/s, baseline "
         f"{r['baseline_rps']:.1f}/s -> operator's share {r['operator_rps']:.1f}/s = {per_obj:.4f}/s per object "
@@ -630,6 +654,9 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of the idle window after convergence")
     parser.add_argument("--baseline", type=float, default=30.0, help="seconds of the baseline before any CR")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds to wait before baseline and idle")
+    parser.add_argument(
+        "--quiet-max", type=float, default=300.0, help="seconds to wait at most for the API rate to settle"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for convergence per size")
     parser.add_argument(
         "--namespaces", type=int, default=1, help="spread the Deployments (with their addons) over this many namespaces"

@@ -33,7 +33,7 @@ from loraserve.tokens import ModelServerTokens
 
 # A Deployment is reconciled when it, its child apps/v1 Deployment, its pods or its ModelVersion change; this
 # slow resync only heals what a lost watch event would leave behind.
-RESYNC_SECONDS = 120.0
+RESYNC_SECONDS = 300.0
 # Child events come in bursts (a pod: scheduled, started, ready): one reconcile serves the whole burst.
 COALESCE_SECONDS = 0.2
 RETRY_SECONDS = 5.0  # after a failed reconcile
