@@ -54,3 +54,17 @@ def test_load_drives_replicas_through_the_windows(
     events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=loop").stdout
     assert "ScaleUp" in events
     assert "ScaleDown" in events
+
+    # Idle now: the autoscaler looks when the routers see traffic or a deadline comes, not every tick (1 s).
+    def pods() -> int:
+        return len(json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"])
+
+    wait_for(lambda: pods() == 1, timeout=60, message="the replicas scaled down are gone")
+    looks = f"{namespace}/loop: load "
+    before = operator.log.read_text(errors="replace").count(looks)
+    time.sleep(12)
+    idle_looks = operator.log.read_text(errors="replace").count(looks) - before
+    assert idle_looks <= 3, f"{idle_looks} autoscaler looks in 12 idle seconds"
+    load_source.last_request[key] = time.time()
+    load_source.in_flight[key] = 7  # traffic again: looked at at once, and scaled up after the up-window
+    wait_for(lambda: spec_replicas(cluster, namespace, "loop") == 4, timeout=60, message="scale up again")

@@ -182,7 +182,7 @@ async def deployment_autoscaler(
         unschedulable = 1 if gpu_stockout(pods) else 0
         schedulable = max(0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable)
         decision = policy.desired(now, current, schedulable if unschedulable else None)
-        logger.debug(f"load {load:g} (router {signal.in_flight:g}), {current} replicas -> {decision}")
+        logger.debug(f"{namespace}/{name}: load {load:g} (router {signal.in_flight:g}), {current} -> {decision}")
         new_status: dict[str, Any] = {}
         scaling = decision.replicas != current
         if scaling:
