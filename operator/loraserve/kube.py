@@ -38,13 +38,11 @@ class Kube:
 
     def _get(self, read: Any, name: str, namespace: str) -> dict[str, Any] | None:
         try:
-            obj = read(name, namespace)
+            return _json(read(name, namespace, _preload_content=False))
         except client.ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        result: dict[str, Any] = self.api.sanitize_for_serialization(obj)
-        return result
 
     def get_deployment_child(self, name: str, namespace: str) -> dict[str, Any] | None:
         return self._get(self.apps.read_namespaced_deployment, name, namespace)
@@ -62,9 +60,7 @@ class Kube:
                 and live["spec"].get("replicas") == manifest["spec"]["replicas"]
             ):
                 return False
-        self.apps.patch_namespaced_deployment(
-            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
-        )
+        _drain(self.apps.patch_namespaced_deployment(meta["name"], meta["namespace"], manifest, **_APPLY_RAW))
         return True
 
     def apply_service(self, manifest: dict[str, Any]) -> bool:
@@ -72,9 +68,7 @@ class Kube:
         live = self.get_service(meta["name"], meta["namespace"])
         if live is not None and live["spec"].get("ports") and _same_ports(live, manifest):
             return False
-        self.core.patch_namespaced_service(
-            meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
-        )
+        _drain(self.core.patch_namespaced_service(meta["name"], meta["namespace"], manifest, **_APPLY_RAW))
         return True
 
     def apply_secret(self, manifest: dict[str, Any]) -> bool:
@@ -90,7 +84,7 @@ class Kube:
         key = (manifest["kind"], meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
         if time.monotonic() - self._applied.get(key, -REAPPLY_SECONDS) < REAPPLY_SECONDS:
             return False
-        patch(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
+        _drain(patch(meta["name"], meta["namespace"], manifest, **_APPLY_RAW))
         self._applied[key] = time.monotonic()
         return True
 
@@ -100,9 +94,9 @@ class Kube:
     def list_pods_versioned(self, namespace: str, selector: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
         """The pods and the list's resourceVersion (to merge with watch events that came meanwhile)."""
         label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
-        pods = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
-        version = pods.metadata.resource_version or "0"
-        return [self.api.sanitize_for_serialization(p) for p in pods.items], int(version) if version.isdigit() else 0
+        listed = _json(self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False))
+        version = str(listed["metadata"].get("resourceVersion") or "0")
+        return list(listed.get("items") or []), int(version) if version.isdigit() else 0
 
     def get_custom(self, plural: str, name: str, namespace: str) -> dict[str, Any] | None:
         try:
@@ -118,6 +112,28 @@ class Kube:
 
     def patch_custom_status(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, body)
+
+
+# Server-side apply, the answer left undecoded: the operator reads its objects from watch events, and turning
+# each answer into the client's typed models (and back into dicts) took a third of its CPU at 1,000 Deployments.
+_APPLY_RAW: dict[str, Any] = {
+    "field_manager": FIELD_MANAGER,
+    "force": True,
+    "_content_type": APPLY,
+    "_preload_content": False,
+}
+
+
+def _json(response: Any) -> dict[str, Any]:
+    """The API server's JSON as plain dicts (the same shape as Kopf's watch events), not the client's models."""
+    result: dict[str, Any] = json.loads(response.data)
+    return result
+
+
+def _drain(response: Any) -> None:
+    """Read an answer to its end (its connection goes back to the pool) without decoding it."""
+    response.data  # noqa: B018  (reading is the point)
+    response.release_conn()
 
 
 def _same_ports(live: dict[str, Any], manifest: dict[str, Any]) -> bool:

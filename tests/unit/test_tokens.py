@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -85,8 +86,9 @@ def test_owned_secrets_are_written_again_after_a_while(monkeypatch: pytest.Monke
     now = [1000.0]
     monkeypatch.setattr(kube_module.time, "monotonic", lambda: now[0])
 
-    def patch(name: str, namespace: str, *_: object, **__: object) -> None:
+    def patch(name: str, namespace: str, *_: object, **__: object) -> SimpleNamespace:
         writes.append(f"{namespace}/{name}")
+        return SimpleNamespace(data=b"{}", release_conn=lambda: None)  # the undecoded answer
 
     assert kube._apply_once(secret, patch)
     assert not kube._apply_once(secret, patch)  # never read back: written once per period
