@@ -11,6 +11,7 @@ agent's user), resource limits.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -55,6 +56,20 @@ class Bridge:
 
     def delete(self) -> None:
         _ip("link", "del", self.name, check=False)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, dead but not yet reaped, do not count)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 @dataclass
@@ -296,17 +311,24 @@ class PodRunner:
 
     @staticmethod
     def _kill(state: ContainerState, grace: float = 15.0) -> None:
+        """SIGTERM the container's process group, SIGKILL what is left of it when `grace` is over. The whole
+        group, not only its first process: a program's children (vLLM's engine core) may outlive it by seconds,
+        and once the pod's network namespace is deleted nothing would find them any more."""
         proc = state.process
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        try:
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        while _group_running(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        proc.wait()
+        while _group_running(proc.pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.1)  # SIGKILLed members are gone once the kernel has torn them down
 
     def _probe(self, container: dict[str, Any]) -> bool:
         probe = (container.get("readinessProbe") or {}).get("httpGet")
