@@ -481,8 +481,13 @@ def streams_survive_their_replica_being_deleted(product: Product, ns: str, model
     for thread in threads:
         thread.start()
     wait_for(lambda: min(chunks) >= 1 or errors, timeout=120, interval=0.05, message="both streams flowing")
-    pods = get(product, ns, "pods", "-l", "serving.loraserve.dev/deployment=multi")["items"]
-    busy = next(p for p in pods if vllm_load(p["status"].get("podIP")) > 0)
+
+    def serving() -> dict[str, Any] | None:  # vLLM's gauges may trail the first token by a moment
+        pods = get(product, ns, "pods", "-l", "serving.loraserve.dev/deployment=multi")["items"]
+        return next((p for p in pods if vllm_load(p["status"].get("podIP")) > 0), None)
+
+    assert not errors, errors
+    busy = wait_for(serving, timeout=30, interval=0.1, message="a replica with the streams in flight")
     product.cluster.kubectl("delete", "pod", busy["metadata"]["name"], "-n", ns, "--wait=false")
     during = complete(product, model)  # a new request meanwhile goes to the replica that stays
     for thread in threads:
