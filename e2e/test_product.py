@@ -127,8 +127,13 @@ def test_chart_installs_and_exactly_one_operator_acts(product: Product) -> None:
     assert len(product.operators) == 2  # the chart's default: two replicas, peering keeps one acting
     assert all(op.running for op in product.operators)
     wait_for(lambda: len(acting_operators(product)) == 1, timeout=90, interval=1, message="one acting operator")
-    peering = json.loads(product.cluster.kubectl("get", "clusterkopfpeering", "loraserve", "-o", "json").stdout)
-    assert len(peering.get("status") or {}) == 2  # both replicas announce themselves; the higher priority acts
+
+    def peers() -> int:
+        peering = json.loads(product.cluster.kubectl("get", "clusterkopfpeering", "loraserve", "-o", "json").stdout)
+        return len(peering.get("status") or {})
+
+    # Both replicas announce themselves (the standby too, as soon as its keep-alive starts); the eldest acts.
+    wait_for(lambda: peers() == 2, timeout=60, interval=1, message=lambda: f"both replicas as peers ({peers()})")
 
 
 def test_multi_lora_deployment_wakes_from_zero_and_reaches_ready(
