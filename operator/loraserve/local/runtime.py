@@ -11,7 +11,6 @@ agent's user), resource limits.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
@@ -56,20 +55,6 @@ class Bridge:
 
     def delete(self) -> None:
         _ip("link", "del", self.name, check=False)
-
-
-def _group_running(pgid: int) -> bool:
-    """Whether a process of group `pgid` still runs (zombies, dead but not yet reaped, do not count)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 @dataclass
@@ -311,24 +296,17 @@ class PodRunner:
 
     @staticmethod
     def _kill(state: ContainerState, grace: float = 15.0) -> None:
-        """SIGTERM the container's process group, SIGKILL what is left of it when `grace` is over. The whole
-        group, not only its first process: a program's children (vLLM's engine core) may outlive it by seconds,
-        and once the pod's network namespace is deleted nothing would find them any more."""
         proc = state.process
-        if proc is None:
+        if proc is None or proc.poll() is not None:
             return
-        deadline = time.monotonic() + grace
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        while _group_running(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        while _group_running(proc.pid) and time.monotonic() < deadline + 5:
-            time.sleep(0.1)  # SIGKILLed members are gone once the kernel has torn them down
+            proc.wait()
+        except ProcessLookupError:
+            pass
 
     def _probe(self, container: dict[str, Any]) -> bool:
         probe = (container.get("readinessProbe") or {}).get("httpGet")
