@@ -1,5 +1,6 @@
-"""The autoscaler loop: one Kopf daemon per Deployment. Each tick it reads the router's and the replicas'
-metrics, feeds the pure policy (loraserve.autoscale.policy), writes the decision through the scale
+"""The autoscaler loop: one Kopf daemon per Deployment. Each look (every tick while the Deployment is busy; when
+idle, only when woken by traffic, a spec or replica change, or at its next deadline) reads the routers' and the
+replicas' metrics, feeds the pure policy (loraserve.autoscale.policy), writes the decision through the scale
 subresource, meters GPU-seconds, persists the idle clock in status, and deletes a Deployment idle past its
 GC age (with an Event first)."""
 
@@ -80,7 +81,7 @@ class Scaled:
     def __init__(self) -> None:
         self.wake = asyncio.Event()
         self.requests_total: float | None = None  # the routers' counter at the last look
-        self.generation: Any = None
+        self.seen: Any = None  # (generation, keep annotation) at the last event
 
 
 # (namespace, name) -> its autoscaler; registered by its daemon and removed when the daemon ends.
@@ -119,8 +120,8 @@ async def deployment_respecified(
     if scaled is None or event.get("type") == "DELETED":
         return
     seen = (body.metadata.get("generation"), (body.metadata.annotations or {}).get(KEEP_ANNOTATION))
-    if seen != scaled.generation:
-        scaled.generation = seen
+    if seen != scaled.seen:
+        scaled.seen = seen
         scaled.wake.set()
 
 
