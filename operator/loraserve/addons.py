@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -86,6 +86,21 @@ def artifacts(addon: str, spec: LoraAddonSpec, versions: dict[str, ModelVersionS
 def owned_by(addon: str, served_name: str) -> bool:
     """Whether a loaded adapter name is one of this addon's versions (`<addon>-v<N>`, nothing looser)."""
     return re.fullmatch(re.escape(addon) + r"-v[1-9][0-9]*", served_name) is not None
+
+
+def orphaned(deployment_name: str, loaded: Iterable[str], placed_on: Callable[[str], str | None]) -> list[str]:
+    """Adapters loaded on a replica of `deployment_name` whose addon is gone, or is served on another
+    Deployment (`placed_on(addon)`: None when no such addon exists, "" while a serverless addon is not seated
+    yet, which keeps its adapters): what an unload lost to a killed operator leaves behind."""
+    out = []
+    for served_name in sorted(loaded):
+        owner = re.fullmatch(r"(.+)-v[1-9][0-9]*", served_name)
+        if owner is None:
+            continue  # not a name the operator gives
+        where = placed_on(owner.group(1))
+        if where is None or (where and where != deployment_name):
+            out.append(served_name)
+    return out
 
 
 def plan(addon: str, wanted: list[Artifact], keep_warm: set[str], replicas: list[Replica]) -> list[ReplicaPlan]:

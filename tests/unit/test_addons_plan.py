@@ -11,6 +11,7 @@ from loraserve.addons import (
     Replica,
     check,
     keep_warm,
+    orphaned,
     owned_by,
     plan,
     pool_base,
@@ -70,6 +71,16 @@ def test_owned_by_is_exact() -> None:
     assert owned_by("bot", "bot-v12")
     assert not owned_by("bot", "bot-extra-v1")
     assert not owned_by("bot", "bot-v0")
+
+
+def test_orphaned_are_adapters_of_addons_gone_or_served_elsewhere() -> None:
+    placements = {"bot": "prod", "bot-v2": "prod", "moved": "staging", "unseated": ""}
+    loaded = {"bot-v1", "bot-v2-v1", "moved-v3", "gone-v1", "unseated-v1", "base-model", "gone-v0"}
+    found = orphaned("prod", loaded, placements.get)
+    # an addon whose name looks like a version keeps its own; a name the operator never gives is left alone
+    assert found == ["gone-v1", "moved-v3"]
+    assert orphaned("staging", {"moved-v3", "bot-v1"}, placements.get) == ["bot-v1"]
+    assert orphaned("prod", set(), placements.get) == []
 
 
 def test_pool_name_is_stable_short_and_dns() -> None:

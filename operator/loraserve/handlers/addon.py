@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +38,7 @@ from loraserve.status import condition, kstatus_conditions, merge_conditions, st
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
 from loraserve.vllm.fetch_client import FetcherClient, FetchFailed
 
+LOG = logging.getLogger(__name__)
 # An addon is looked at when it, its Deployment, its replicas or its ModelVersions change, when a request is
 # held for it, or when one of its own deadlines comes (see addons.next_look); this slow resync only heals
 # what a lost event would leave behind.
@@ -414,6 +416,7 @@ class Followed:
         self.wake = asyncio.Event()
         self.seen: tuple[Any, ...] = ()
         self.served_on: str | None = None
+        self.ended = asyncio.Event()  # the daemon has left its loop: no look of it is in progress any more
 
 
 # (namespace, name) -> the addon's loop; registered by its daemon and removed when the daemon ends.
@@ -474,6 +477,7 @@ async def loraaddon_follow(
     try:
         await follow(followed.wake, stopped, look, COALESCE_SECONDS)
     finally:
+        followed.ended.set()
         if _followed.get((namespace, name)) is followed:
             _place((namespace, name), followed, None)
             del _followed[(namespace, name)]
@@ -504,14 +508,28 @@ def _count_versions(key: tuple[str, str], share: tuple[str, int] | None) -> None
         _wake_served_on(namespace, deployment_name)
 
 
+# (namespace, addon) -> the Deployment its last event placed it on; when it leaves one, that one is swept.
+_placed: dict[tuple[str, str], str] = {}
+
+
 @kopf.on.event(GROUP, VERSION, "loraaddons")
 async def loraaddon_event(
-    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, **_: Any
+    event: kopf.RawEvent,
+    name: str | None,
+    namespace: str | None,
+    body: kopf.Body,
+    **kwargs: Any,
 ) -> None:
-    """A spec change (a new generation) or a re-arm annotation wakes the addon; its own status writes do not."""
+    """A spec change (a new generation) or a re-arm annotation wakes the addon; its own status writes do not.
+    A Deployment the addon left (moved or deleted) is swept of anything of it still loaded."""
     key = (namespace or "", name or "")
     deleted = event.get("type") == "DELETED"
     _count_versions(key, None if deleted else (body.spec.get("deployment") or "", len(body.spec.get("targets") or [])))
+    left = _placed.pop(key, "")
+    if not deleted:
+        _placed[key] = str(body.spec.get("deployment") or body.status.get("deployment") or "")
+    if left and left != _placed.get(key):
+        _sweep_later(key[0], left, kwargs["addon_placements"])
     followed = _followed.get(key)
     if followed is None:
         return
@@ -555,11 +573,19 @@ _deployment_generations: dict[tuple[str, str], Any] = {}
 
 @kopf.on.event(GROUP, VERSION, "deployments")
 async def deployment_event(
-    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, **_: Any
+    event: kopf.RawEvent,
+    name: str | None,
+    namespace: str | None,
+    body: kopf.Body,
+    **kwargs: Any,
 ) -> None:
     """A Deployment created, deleted or re-specified (enableAddons, maxLoras): its addons look again."""
     key = (namespace or "", name or "")
     generation = None if event.get("type") == "DELETED" else body.metadata.get("generation")
+    if key not in _deployment_generations and generation is not None and body.spec.get("enableAddons"):
+        _sweep_later(
+            *key, kwargs["addon_placements"]
+        )  # first seen (the operator started): what did a killed one leave?
     if _deployment_generations.get(key, "unseen") != generation:
         _deployment_generations[key] = generation
         _wake_served_on(*key)
@@ -592,6 +618,14 @@ deployments.VERSION_LISTENERS.append(_version_changed)
 @kopf.on.delete(GROUP, VERSION, "loraaddons")
 async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    # Kopf runs this beside the daemon's stop: a look still in progress could load an adapter after the unload
+    # below, leaving it loaded for an addon that is gone. So the unload waits for the loop to end.
+    followed = _followed.get((namespace, name))
+    if followed is not None:
+        try:
+            await asyncio.wait_for(followed.ended.wait(), DAEMON_END_WAIT)
+        except TimeoutError:
+            raise kopf.TemporaryError(f"addon {name} is still being reconciled", delay=1) from None
     # A serverless addon is unloaded from the pool it was seated in.
     deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
     if not deployment_name:
@@ -600,17 +634,82 @@ async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> N
     logger.info(f"unloaded addon {name} from {deployment_name}")
 
 
+# Longer than a look (its vLLM calls have their own timeouts) plus the daemon's cancellation timeout.
+DAEMON_END_WAIT = 30.0
+
+
 async def _unload_addon(namespace: str, deployment_name: str, name: str) -> None:
     """Every version of addon `name` off every ready replica of `deployment_name` (best effort: a replica
     that does not answer keeps it until it restarts)."""
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = operator_settings().manifests.fetcher_port
     auth = model_server_tokens().authorization(namespace, deployment_name)
+    LOADED.forget({pod for pod, _ in ready_replicas(pods)})  # asked afresh: nothing of the addon may stay
     async with aiohttp.ClientSession(headers=auth) as session:
         for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
             if replica is not None:
                 owned = sorted(n for n in replica.loaded if addons.owned_by(name, n))
                 await _unload(session, replica, owned, fetcher_port)
+
+
+# -- adapters nobody owns any more ---------------------------------------------------------------------------
+@kopf.index(GROUP, VERSION, "loraaddons")
+def addon_placements(
+    namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> dict[tuple[str, str], str]:
+    """(namespace, addon) -> the Deployment it is served on ("" while a serverless addon is not seated). Kopf
+    fills it from the full listing before any other handler runs, so an absent addon is really gone."""
+    return {(namespace or "", name or ""): str(spec.get("deployment") or status.get("deployment") or "")}
+
+
+# A sweep waits this long after what asked for it, so a burst of deletions on one Deployment is one sweep.
+SWEEP_DELAY = 2.0
+_sweeps: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+
+def _sweep_later(namespace: str, deployment_name: str, placements: kopf.Index[tuple[str, str], str]) -> None:
+    key = (namespace, deployment_name)
+    if key in _sweeps:
+        return  # one is pending; it reads the replicas and the addons when it runs
+    _sweeps[key] = asyncio.create_task(_sweep(namespace, deployment_name, placements))
+
+
+async def _sweep(namespace: str, deployment_name: str, placements: kopf.Index[tuple[str, str], str]) -> None:
+    """Unload what no addon on `deployment_name` owns: an unload lost to an operator killed between an addon's
+    load and its status write, its move or its deletion. The owners of what was unloaded look again (one that
+    came back meanwhile loads it again)."""
+    try:
+        await asyncio.sleep(SWEEP_DELAY)
+        del _sweeps[(namespace, deployment_name)]  # what changes from here on asks for a sweep of its own
+
+        def placed_on(addon: str) -> str | None:
+            found = placements.get((namespace, addon))
+            return next(iter(found), "") if found else None
+
+        pods = await observed_pods(namespace, deployment_name)
+        fetcher_port = operator_settings().manifests.fetcher_port
+        auth = model_server_tokens().authorization(namespace, deployment_name)
+        async with aiohttp.ClientSession(headers=auth) as session:
+            for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
+                orphans = addons.orphaned(deployment_name, replica.loaded, placed_on) if replica else []
+                if replica is not None and orphans:
+                    await _unload(session, replica, orphans, fetcher_port)
+                    LOG.info(f"unloaded {orphans} from {replica.name}: no addon on {deployment_name} owns them")
+                    for served_name in orphans:
+                        owner = _followed.get((namespace, served_name.rsplit("-", 1)[0]))
+                        if owner is not None:
+                            owner.wake.set()
+    except Exception as exc:  # a task of its own: nothing above it would report the error
+        LOG.warning(f"sweep of {namespace}/{deployment_name} failed (the next event sweeps again): {exc!r}")
+    finally:
+        if _sweeps.get((namespace, deployment_name)) is asyncio.current_task():
+            del _sweeps[(namespace, deployment_name)]
+
+
+@kopf.on.cleanup()
+async def stop_sweeps(**_: Any) -> None:
+    for task in list(_sweeps.values()):
+        task.cancel()
 
 
 # -- the serverless pools' garbage collection -------------------------------------------------------------
