@@ -412,8 +412,8 @@ def rates(after: dict[RequestKey, float], before: dict[RequestKey, float], secon
     return {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items() if v != before.get(k, 0.0)}
 
 
-# What Kopf does once per object after a burst of creates (finalizer and last-handled-configuration patches, the
-# state Events): while any of it is still draining, the rate is a backlog, not idle cost.
+# What Kopf does once per object after a burst of creates (finalizer patches, last-handled-configuration for
+# Deployments, the state Events): while any of it is still draining, the rate is a backlog, not idle cost.
 BACKLOG = {
     ("PATCH", "loraaddons.serving.loraserve.dev"),
     ("PATCH", "deployments.serving.loraserve.dev"),

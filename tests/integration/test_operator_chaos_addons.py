@@ -13,6 +13,7 @@ everything when its pod is deleted. Seeded: LORASERVE_CHAOS_SEED replays the ope
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,6 +211,12 @@ class FakeModelServers:
         app.add_routes([web.post("/fetch", fetch), web.delete("/adapters/{name}", remove)])
         return app
 
+    def leave_loaded(self, ip: str, names: set[str]) -> None:
+        """Adapters on a replica that no call of the operator's put there in this run (a killed one's)."""
+        with self.lock:
+            self.replicas[ip].loaded |= names
+            self.replicas[ip].files |= names
+
     # -- what the test reads --------------------------------------------------------------------------------
     def loaded(self, ip: str) -> set[str] | None:
         with self.lock:
@@ -391,13 +399,10 @@ def converged(cluster: LocalCluster, ns: str, world: World, servers: FakeModelSe
     return None
 
 
-def test_operator_killed_at_random_points_converges_with_addons(
-    cluster: LocalCluster, sole_operator: Operator, namespace: str
-) -> None:
-    ns = namespace
-    seed = int(os.environ.get("LORASERVE_CHAOS_SEED", "13"))
-    print(f"chaos seed {seed}")
-    rng = random.Random(seed)
+@contextlib.contextmanager
+def loopback_replicas(cluster: LocalCluster, ns: str, seed: int) -> Iterator[FakeModelServers]:
+    """The test's node, its agent, and the fake model servers on its pods' addresses, with the ModelVersions
+    applied; all removed afterwards."""
     api = config.new_client_from_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
     register_node(client.CoreV1Api(api), NODE, "NVIDIA_A100_80GB", 64, POOL, POD_CIDR, POOL)
     network = ipaddress.ip_network(POD_CIDR)
@@ -407,15 +412,33 @@ def test_operator_killed_at_random_points_converges_with_addons(
     stop = threading.Event()
     follower = threading.Thread(target=follow_pods, args=(api, ns, servers, stop), daemon=True)
     follower.start()
+    try:
+        cluster.kubectl(
+            "apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([model_version(n, v) for n, v in VERSIONS.items()])
+        )
+        yield servers
+    finally:
+        stop.set()
+        agent.terminate()
+        agent.wait(30)
+        follower.join(10)
+        servers.stop()
+        client.CoreV1Api(api).delete_node(NODE)
+
+
+def test_operator_killed_at_random_points_converges_with_addons(
+    cluster: LocalCluster, sole_operator: Operator, namespace: str
+) -> None:
+    ns = namespace
+    seed = int(os.environ.get("LORASERVE_CHAOS_SEED", "13"))
+    print(f"chaos seed {seed}")
+    rng = random.Random(seed)
     op = sole_operator
     world = World()
     kills = made_deployments = made_addons = 0
     done: Counter[str] = Counter()
     started = time.monotonic()
-    try:
-        cluster.kubectl(
-            "apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([model_version(n, v) for n, v in VERSIONS.items()])
-        )
+    with loopback_replicas(cluster, ns, seed) as servers:
         op.start()
         for step in range(OPERATIONS):
             roll = rng.random()
@@ -500,14 +523,7 @@ def test_operator_killed_at_random_points_converges_with_addons(
         assert converged(cluster, ns, world, servers) is None
         twice = servers.loaded_twice()
         leftovers = leftover_children(cluster, ns)
-    finally:
         op.kill()
-        stop.set()
-        agent.terminate()
-        agent.wait(30)
-        follower.join(10)
-        servers.stop()
-        client.CoreV1Api(api).delete_node(NODE)
     counts = servers.counts()
     print(
         f"chaos seed {seed}: {OPERATIONS} operations, {kills} SIGKILLs, {made_deployments} Deployments and "
@@ -529,6 +545,45 @@ def test_operator_killed_at_random_points_converges_with_addons(
             or {}
         )
         assert retired <= world.ever[name] - served(name, versions), f"{name} keeps {retired} warm"
+
+
+def test_adapters_no_addon_owns_are_unloaded_when_the_operator_starts(
+    cluster: LocalCluster, sole_operator: Operator, namespace: str
+) -> None:
+    """An operator killed between loading an adapter and writing down where (the addon's status), or before
+    unloading an addon that moved or was deleted, leaves adapters nobody owns on a replica, each taking a GPU
+    slot. The next operator to start unloads them, and leaves every addon's own in place."""
+    ns, op = namespace, sole_operator
+    with loopback_replicas(cluster, ns, 7) as servers:
+        docs = [deployment("sw-a", 0, 1), deployment("sw-b", 0, 1)]
+        docs += [addon("keep", "sw-a", ["chaos-mv-1"]), addon("other", "sw-b", ["chaos-mv-2"])]
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+        op.start()
+
+        def ready_addons() -> bool:
+            return all((c.get("status") or {}).get("state") == "READY" for c in listed(cluster, ns, "lora"))
+
+        wait_for(ready_addons, timeout=120, message="both addons READY")
+        ips = {
+            (p["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT): p["status"]["podIP"]
+            for p in listed(cluster, ns, "pod")
+        }
+        assert servers.loaded(ips["sw-a"]) == {"keep-v1"}
+        assert servers.loaded(ips["sw-b"]) == {"other-v2"}
+        op.kill()
+        # What a killed operator left on sw-a: an addon since deleted, and one since moved to sw-b.
+        servers.leave_loaded(ips["sw-a"], {"gone-v3", "other-v2"})
+        op.start()
+        wait_for(
+            lambda: servers.loaded(ips["sw-a"]) == {"keep-v1"},
+            timeout=60,
+            message=lambda: f"sw-a's replica to hold only keep-v1, not {sorted(servers.loaded(ips['sw-a']) or [])}",
+        )
+        time.sleep(3)  # and nothing else moves afterwards
+        assert servers.loaded(ips["sw-a"]) == {"keep-v1"}
+        assert servers.loaded(ips["sw-b"]) == {"other-v2"}
+        assert ready_addons()
+        op.kill()
 
 
 def leftover_children(cluster: LocalCluster, ns: str) -> list[str]:

@@ -416,7 +416,6 @@ class Followed:
         self.wake = asyncio.Event()
         self.seen: tuple[Any, ...] = ()
         self.served_on: str | None = None
-        self.ended = asyncio.Event()  # the daemon has left its loop: no look of it is in progress any more
 
 
 # (namespace, name) -> the addon's loop; registered by its daemon and removed when the daemon ends.
@@ -477,10 +476,17 @@ async def loraaddon_follow(
     try:
         await follow(followed.wake, stopped, look, COALESCE_SECONDS)
     finally:
-        followed.ended.set()
         if _followed.get((namespace, name)) is followed:
             _place((namespace, name), followed, None)
             del _followed[(namespace, name)]
+    if body.metadata.get("deletionTimestamp"):
+        # Deleted: its adapters leave its replicas here, after its last look, so no load can land after the
+        # unload (and Kopf writes nothing more per addon than its finalizer, as there is no deletion handler).
+        # An operator killed before this point leaves them to the sweep the addon's DELETED event asks for.
+        deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
+        if deployment_name:
+            await _unload_addon(namespace, deployment_name, name)
+            logger.info(f"unloaded addon {name} from {deployment_name}")
 
 
 # Adapter versions per Deployment, for the OverCapacity condition: (namespace, deployment) -> count, kept
@@ -613,29 +619,6 @@ LAST_REQUEST_STALE = 60.0
 SCRAPE_LISTENERS.append(_wake_on_demand)
 deployments.POD_LISTENERS.append(_replicas_changed)
 deployments.VERSION_LISTENERS.append(_version_changed)
-
-
-@kopf.on.delete(GROUP, VERSION, "loraaddons")
-async def loraaddon_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
-    # Kopf runs this beside the daemon's stop: a look still in progress could load an adapter after the unload
-    # below, leaving it loaded for an addon that is gone. So the unload waits for the loop to end.
-    followed = _followed.get((namespace, name))
-    if followed is not None:
-        try:
-            await asyncio.wait_for(followed.ended.wait(), DAEMON_END_WAIT)
-        except TimeoutError:
-            raise kopf.TemporaryError(f"addon {name} is still being reconciled", delay=1) from None
-    # A serverless addon is unloaded from the pool it was seated in.
-    deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
-    if not deployment_name:
-        return
-    await _unload_addon(namespace, deployment_name, name)
-    logger.info(f"unloaded addon {name} from {deployment_name}")
-
-
-# Longer than a look (its vLLM calls have their own timeouts) plus the daemon's cancellation timeout.
-DAEMON_END_WAIT = 30.0
 
 
 async def _unload_addon(namespace: str, deployment_name: str, name: str) -> None:
