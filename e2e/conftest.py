@@ -34,6 +34,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.cluster)  # and real vLLM: `-m "not cluster"` leaves them out
+            item.add_marker(pytest.mark.vllm)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -19,12 +19,21 @@ APPLY = "application/apply-patch+yaml"
 REAPPLY_SECONDS = 600.0
 
 
+# Kubernetes calls in flight at once: threads (the client is synchronous; see loraserve.operator_main) and
+# connections. Python's default, min(32, CPUs + 4) threads and 5 connections per CPU, let a 2-CPU pod make
+# 6 calls at a time, each waiting out the API server's latency: the limit of a burst of creates.
+CALLS_IN_FLIGHT = 32
+
+
 def load_config() -> None:
     """In a pod: the service account. Elsewhere: KUBECONFIG / ~/.kube/config."""
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = CALLS_IN_FLIGHT
+    client.Configuration.set_default(configuration)
 
 
 class Kube:

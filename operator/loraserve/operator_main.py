@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -13,7 +14,7 @@ import kopf
 from loraserve import peering
 from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
 from loraserve.handlers.deployment import model_server_tokens
-from loraserve.kube import load_config
+from loraserve.kube import CALLS_IN_FLIGHT, load_config
 from loraserve.settings import OperatorSettings, operator_settings, use_settings
 
 PEERING_NAME = "loraserve"
@@ -51,11 +52,16 @@ def run(namespaces: list[str] | None = None, standalone: bool = False, liveness:
         model_server_tokens()
     except (OSError, ValueError) as exc:
         raise SystemExit(f"loraserve operator cannot start: {exc}") from None
-    asyncio.run(
-        kopf.operator(
-            clusterwide=not namespaces,
-            namespaces=namespaces or [],
-            standalone=standalone,
-            liveness_endpoint=liveness,
-        )
+    asyncio.run(_operate(namespaces, standalone, liveness))
+
+
+async def _operate(namespaces: list[str] | None, standalone: bool, liveness: str | None) -> None:
+    # The handlers' Kubernetes calls run in the loop's default executor (asyncio.to_thread).
+    executor = ThreadPoolExecutor(max_workers=CALLS_IN_FLIGHT, thread_name_prefix="kube")
+    asyncio.get_running_loop().set_default_executor(executor)
+    await kopf.operator(
+        clusterwide=not namespaces,
+        namespaces=namespaces or [],
+        standalone=standalone,
+        liveness_endpoint=liveness,
     )

@@ -46,6 +46,16 @@ def kstatus_conditions(
     ]
 
 
+Status = dict[str, Any]
+
+
+def since_written(body: Mapping[str, Any], written: Mapping[str, Any] | None) -> Status:
+    """The status to compare a new one with: the body's, under the fields this operator last wrote. Under load
+    the watch brings a write back seconds later; comparing with the body alone repeated the write, and the
+    transition's Event (up to four times per object at 1,000 Deployments)."""
+    return {**dict(body.get("status") or {}), **(written or {})}
+
+
 def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
     """What to write: nothing when nothing changed, else the whole status, so that a stale `previous` (a timer
     and an event handler racing) can never leave a mix of old and new fields (UPDATING beside Ready=True)."""

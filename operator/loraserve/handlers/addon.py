@@ -34,7 +34,7 @@ from loraserve.handlers.load import (
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
 from loraserve.kube import api_error_text
 from loraserve.settings import operator_settings
-from loraserve.status import condition, kstatus_conditions, merge_conditions, status_patch
+from loraserve.status import condition, kstatus_conditions, merge_conditions, since_written, status_patch
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
 from loraserve.vllm.fetch_client import FetcherClient, FetchFailed
 
@@ -283,7 +283,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     wakes it sooner."""
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     generation = int(body.metadata.get("generation") or 0)
-    previous = dict(body.status or {})
+    previous = since_written(body, memo.get("written"))
     now = datetime.now(UTC)
     stamp = _stamp(now)
     base: dict[str, Any] = {"observedGeneration": generation}
@@ -463,6 +463,7 @@ async def loraaddon_follow(
                 await asyncio.to_thread(
                     kube().patch_custom_status, "loraaddons", name, namespace, {"status": dict(patch.status)}
                 )
+                memo.setdefault("written", {}).update(patch.status)
         except ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile

@@ -28,7 +28,15 @@ from loraserve.resources.model_server import (
     desired_replicas,
 )
 from loraserve.settings import operator_settings
-from loraserve.status import Observed, compute_status, kstatus_conditions, merge_conditions, status_patch
+from loraserve.status import (
+    Observed,
+    Status,
+    compute_status,
+    kstatus_conditions,
+    merge_conditions,
+    since_written,
+    status_patch,
+)
 from loraserve.tokens import ModelServerTokens
 
 # A Deployment is reconciled when it, its child apps/v1 Deployment, its pods or its ModelVersion change; this
@@ -90,15 +98,18 @@ async def observed_version(namespace: str, name: str, refresh: bool = False) -> 
     return CACHE.versions.get(key)
 
 
-async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, refresh: bool = True) -> None:
+async def reconcile(
+    body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, refresh: bool = True, written: Status | None = None
+) -> None:
     """Apply the children and compute status. `refresh` reads the cluster afresh (a spec change, the start,
-    the slow resync); without it, what the watch events brought is enough (a child or pod changed)."""
+    the slow resync); without it, what the watch events brought is enough (a child or pod changed). `written`:
+    the status this operator last wrote, newer than the body's until the watch brings the write back."""
     name, namespace = body.metadata.name, body.metadata.namespace
     assert name is not None
     assert namespace is not None
     uid = body.metadata.uid or ""
     generation = int(body.metadata.get("generation") or 0)
-    previous = dict(body.status or {})
+    previous = since_written(body, written)
     try:
         spec = DeploymentSpec.model_validate(dict(body.spec))
     except ValidationError as exc:  # admission should have refused it; say so instead of crashing
@@ -175,7 +186,10 @@ def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[s
 @kopf.on.create(GROUP, VERSION, "deployments")
 @kopf.on.update(GROUP, VERSION, "deployments", field="spec")
 async def deployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    await reconcile(body, patch, logger)
+    watched = _watched.get((str(body.metadata.namespace), str(body.metadata.name)))
+    await reconcile(body, patch, logger, written=watched.written if watched else None)
+    if watched is not None:
+        watched.written.update(patch.status)  # Kopf writes it once this returns
 
 
 class Watched:
@@ -185,6 +199,7 @@ class Watched:
         self.body = body
         self.wake = asyncio.Event()
         self.refresh = True  # the next reconcile reads the cluster afresh
+        self.written: Status = {}  # the status fields this operator last wrote
 
 
 # (namespace, name) -> the CR's loop, registered by its daemon and removed when the daemon ends (the object is
@@ -207,7 +222,7 @@ async def deployment_follow(
             watched.refresh = True  # the slow resync reads the cluster afresh
         refresh, watched.refresh = watched.refresh, False
         try:
-            await _reconcile_and_write(body, name, namespace, logger, refresh)
+            await _reconcile_and_write(body, name, namespace, logger, refresh, watched.written)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile
@@ -225,15 +240,18 @@ async def deployment_follow(
             CACHE.forget((namespace, name))
 
 
-async def _reconcile_and_write(body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool) -> None:
+async def _reconcile_and_write(
+    body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool, written: Status
+) -> None:
     patch = kopf.Patch()
-    await reconcile(body, patch, logger, refresh)
+    await reconcile(body, patch, logger, refresh, written)
     if patch.spec:
         await asyncio.to_thread(kube().patch_custom, "deployments", name, namespace, {"spec": dict(patch.spec)})
     if patch.status:
         await asyncio.to_thread(
             kube().patch_custom_status, "deployments", name, namespace, {"status": dict(patch.status)}
         )
+        written.update(patch.status)
 
 
 def wake(namespace: str | None, name: str | None) -> None:
