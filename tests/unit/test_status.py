@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from loraserve.api.deployment import DeploymentSpec
-from loraserve.status import Observed, compute_status
+from loraserve.status import Observed, compute_status, since_written, status_patch
 from tests.kstatus import kstatus
 
 SPEC = DeploymentSpec.model_validate({"baseModel": "hf://org/model", "minReplicas": 1})
@@ -125,3 +125,17 @@ def test_status_is_written_whole_or_not_at_all() -> None:
     assert status_patch(previous, dict(previous)) == {}
     new = {"state": "READY", "readyReplicas": 1, "message": "0/1 replicas ready"}
     assert status_patch(previous, new) == new  # unchanged keys too: a stale previous cannot leave a mix
+
+
+def test_a_status_written_is_not_written_again_before_the_watch_brings_it_back() -> None:
+    """The body still shows the status before the last write (the watch lags under load): compared with what
+    was written, an unchanged status is no write (and no second transition Event)."""
+    spec = SPEC
+    ready = compute_status(spec, 1, 1, Observed(child=child(1, 1, 1), pods=[]), {}, NOW)
+    stale = {"status": {"state": "UPDATING", "observedGeneration": 1, "otherField": "kept"}}
+    assert status_patch(stale["status"], ready)  # against the body alone: written again
+    previous = since_written(stale, ready)
+    assert previous["state"] == ready["state"]
+    assert previous["otherField"] == "kept"  # what another writer put there stays visible
+    assert status_patch(previous, ready) == {}
+    assert since_written(stale, None) == stale["status"]  # nothing written yet (a new operator): the body

@@ -463,7 +463,7 @@ async def loraaddon_follow(
                 await asyncio.to_thread(
                     kube().patch_custom_status, "loraaddons", name, namespace, {"status": dict(patch.status)}
                 )
-                memo.setdefault("written", {}).update(patch.status)
+                memo.setdefault("written", {}).update(patch.status)  # see since_written
         except ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile

@@ -185,11 +185,15 @@ def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[s
 @kopf.on.resume(GROUP, VERSION, "deployments")
 @kopf.on.create(GROUP, VERSION, "deployments")
 @kopf.on.update(GROUP, VERSION, "deployments", field="spec")
-async def deployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    watched = _watched.get((str(body.metadata.namespace), str(body.metadata.name)))
-    await reconcile(body, patch, logger, written=watched.written if watched else None)
-    if watched is not None:
-        watched.written.update(patch.status)  # Kopf writes it once this returns
+async def deployment_changed(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    await _reconcile_and_write(body, name, namespace, logger, True, _written(memo))
+
+
+def _written(memo: kopf.Memo) -> Status:
+    """The status fields this operator last wrote for the object (its Kopf memo: freed with the object)."""
+    written: Status = memo.setdefault("written", {})
+    return written
 
 
 class Watched:
@@ -199,7 +203,6 @@ class Watched:
         self.body = body
         self.wake = asyncio.Event()
         self.refresh = True  # the next reconcile reads the cluster afresh
-        self.written: Status = {}  # the status fields this operator last wrote
 
 
 # (namespace, name) -> the CR's loop, registered by its daemon and removed when the daemon ends (the object is
@@ -209,7 +212,13 @@ _watched: dict[tuple[str, str], Watched] = {}
 
 @kopf.daemon(GROUP, VERSION, "deployments", cancellation_timeout=10)  # type: ignore[arg-type]
 async def deployment_follow(
-    body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
+    body: kopf.Body,
+    name: str,
+    namespace: str,
+    stopped: kopf.DaemonStopped,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     """Status follows the children (pods becoming ready or unschedulable, stockouts clearing) as they change,
     instead of polling every object on a short timer."""
@@ -222,7 +231,7 @@ async def deployment_follow(
             watched.refresh = True  # the slow resync reads the cluster afresh
         refresh, watched.refresh = watched.refresh, False
         try:
-            await _reconcile_and_write(body, name, namespace, logger, refresh, watched.written)
+            await _reconcile_and_write(body, name, namespace, logger, refresh, _written(memo))
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile
