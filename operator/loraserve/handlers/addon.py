@@ -590,9 +590,8 @@ async def deployment_event(
     key = (namespace or "", name or "")
     generation = None if event.get("type") == "DELETED" else body.metadata.get("generation")
     if key not in _deployment_generations and generation is not None and body.spec.get("enableAddons"):
-        _sweep_later(
-            *key, kwargs["addon_placements"]
-        )  # first seen (the operator started): what did a killed one leave?
+        # First seen (created, or this operator started): what did a killed one leave loaded?
+        _sweep_later(*key, kwargs["addon_placements"])
     if _deployment_generations.get(key, "unseen") != generation:
         _deployment_generations[key] = generation
         _wake_served_on(*key)
