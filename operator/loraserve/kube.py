@@ -31,14 +31,16 @@ def load_config() -> None:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = CALLS_IN_FLIGHT
-    client.Configuration.set_default(configuration)
 
 
 class Kube:
     def __init__(self, api: client.ApiClient | None = None) -> None:
-        self.api: Any = api or client.ApiClient()
+        if api is None:
+            # Not the process default: Kopf's login replaces that after the operator's startup handlers run.
+            configuration = client.Configuration.get_default_copy()
+            configuration.connection_pool_maxsize = CALLS_IN_FLIGHT
+            api = client.ApiClient(configuration)
+        self.api: Any = api
         self.core: Any = client.CoreV1Api(self.api)
         self.apps: Any = client.AppsV1Api(self.api)
         self.custom: Any = client.CustomObjectsApi(self.api)

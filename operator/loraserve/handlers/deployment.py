@@ -182,14 +182,6 @@ def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[s
         kopf.info(body, reason=status["state"].title().replace("_", ""), message=status["message"])
 
 
-@kopf.on.resume(GROUP, VERSION, "deployments")
-@kopf.on.create(GROUP, VERSION, "deployments")
-@kopf.on.update(GROUP, VERSION, "deployments", field="spec")
-async def deployment_changed(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
-    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
-    await _reconcile_and_write(body, name, namespace, logger, True, _written(memo))
-
-
 def _written(memo: kopf.Memo) -> Status:
     """The status fields this operator last wrote for the object (its Kopf memo: freed with the object)."""
     written: Status = memo.setdefault("written", {})
@@ -203,6 +195,7 @@ class Watched:
         self.body = body
         self.wake = asyncio.Event()
         self.refresh = True  # the next reconcile reads the cluster afresh
+        self.generation = body.metadata.get("generation")
 
 
 # (namespace, name) -> the CR's loop, registered by its daemon and removed when the daemon ends (the object is
@@ -266,6 +259,24 @@ async def _reconcile_and_write(
 def wake(namespace: str | None, name: str | None) -> None:
     watched = _watched.get((namespace or "", name or ""))
     if watched is not None:
+        watched.wake.set()
+
+
+@kopf.on.event(GROUP, VERSION, "deployments")
+async def deployment_spec_changed(
+    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, **_: Any
+) -> None:
+    """A new generation (the spec changed: a user, `kubectl scale`, the autoscaler, the router waking it from
+    zero): its loop reconciles, reading the cluster afresh. The loop's first look is the create's (or, after a
+    restart, the resume's) reconcile: with no create or update handler, Kopf writes no last-handled-configuration
+    per Deployment, and a create is reconciled once, not twice."""
+    watched = _watched.get((namespace or "", name or ""))
+    if watched is None or event.get("type") == "DELETED":
+        return
+    generation = body.metadata.get("generation")
+    if generation != watched.generation:
+        watched.generation = generation
+        watched.refresh = True
         watched.wake.set()
 
 
