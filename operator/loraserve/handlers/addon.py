@@ -437,7 +437,14 @@ def _place(key: tuple[str, str], followed: Followed, deployment_name: str | None
         _by_deployment.setdefault((key[0], deployment_name), set()).add(key[1])
 
 
-@kopf.daemon(GROUP, VERSION, "loraaddons", cancellation_timeout=10)  # type: ignore[arg-type]
+# Stopped (the addon deleted, the operator pausing for a peer), the loop ends after its current look; it is
+# cancelled only if that look takes longer than this.
+STOP_GRACE = 20.0
+
+
+@kopf.daemon(  # type: ignore[arg-type]
+    GROUP, VERSION, "loraaddons", cancellation_backoff=STOP_GRACE, cancellation_timeout=10
+)
 async def loraaddon_follow(
     body: kopf.Body,
     name: str,
@@ -480,14 +487,15 @@ async def loraaddon_follow(
         if _followed.get((namespace, name)) is followed:
             _place((namespace, name), followed, None)
             del _followed[(namespace, name)]
-    if body.metadata.get("deletionTimestamp"):
-        # Deleted: its adapters leave its replicas here, after its last look, so no load can land after the
-        # unload (and Kopf writes nothing more per addon than its finalizer, as there is no deletion handler).
-        # An operator killed before this point leaves them to the sweep the addon's DELETED event asks for.
-        deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
-        if deployment_name:
-            await _unload_addon(namespace, deployment_name, name)
-            logger.info(f"unloaded addon {name} from {deployment_name}")
+        if body.metadata.get("deletionTimestamp"):
+            # Deleted: its adapters leave its replicas here, after its last look, so no load lands after the
+            # unload (Kopf writes nothing more per addon than its finalizer: there is no deletion handler). Also
+            # when the look overran STOP_GRACE and was cancelled; an operator killed before this point leaves
+            # them to the sweep the addon's DELETED event asks for.
+            deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
+            if deployment_name:
+                await _unload_addon(namespace, deployment_name, name)
+                logger.info(f"unloaded addon {name} from {deployment_name}")
 
 
 # Adapter versions per Deployment, for the OverCapacity condition: (namespace, deployment) -> count, kept
