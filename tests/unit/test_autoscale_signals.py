@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
+
 from loraserve.autoscale.signals import parse_router_addon_metrics, parse_router_metrics
+from loraserve.handlers.autoscaler import _replica_load
 
 ROUTER_A = """# TYPE loraserve_router_requests_in_flight gauge
 loraserve_router_requests_in_flight{namespace="ns",deployment="pool",addon=""} 2.0
@@ -42,3 +47,16 @@ def test_per_addon() -> None:
 
 def test_no_router_no_signal() -> None:
     assert parse_router_metrics([]) == {}
+
+
+def test_a_replica_that_does_not_answer_is_not_a_load_of_zero() -> None:
+    """A busy CPU replica can miss the metrics timeout; read as 0 it reset the up-window under load."""
+
+    async def scenario() -> tuple[float | None, float | None]:
+        async with aiohttp.ClientSession() as session:
+            # 192.0.2.0/24 is never routed (RFC 5737): refused, unreachable or timed out, never an answer
+            return await _replica_load(session, []), await _replica_load(session, ["192.0.2.1"])
+
+    no_replicas, silent = asyncio.run(scenario())
+    assert no_replicas == 0.0
+    assert silent is None

@@ -24,7 +24,14 @@ from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import POD_LISTENERS, kube, observed_pods
 from loraserve.handlers.follow import follow
-from loraserve.handlers.load import SCRAPE_LISTENERS, latest_signals, ready_replicas, router_signals, scrape_routers
+from loraserve.handlers.load import (
+    SCRAPE_LISTENERS,
+    latest_signals,
+    ready_replicas,
+    router_signals,
+    routers_answered,
+    scrape_routers,
+)
 from loraserve.handlers.metrics import forget_deployment
 from loraserve.resources.model_server import desired_replicas
 from loraserve.settings import operator_settings
@@ -44,15 +51,19 @@ RESYNC_SECONDS = 300.0
 COALESCE_SECONDS = 0.2
 
 
-async def _replica_load(session: aiohttp.ClientSession, ips: list[str]) -> float:
-    async def one(ip: str) -> float:
+async def _replica_load(session: aiohttp.ClientSession, ips: list[str]) -> float | None:
+    """Requests running and waiting on the ready replicas; None when one of them did not answer (a busy CPU
+    replica can miss the timeout: that is not a load of zero)."""
+
+    async def one(ip: str) -> float | None:
         try:
             metrics = await VllmAdmin(f"http://{ip}:{MODEL_SERVER_PORT}", session, timeout=2).metrics()
         except VllmError:
-            return 0.0
+            return None
         return float(metrics.requests_running + metrics.requests_waiting)
 
-    return sum(await asyncio.gather(*(one(ip) for ip in ips)))
+    loads = await asyncio.gather(*(one(ip) for ip in ips))
+    return None if None in loads else sum(load for load in loads if load is not None)
 
 
 def _iso(ts: float) -> str:
@@ -176,7 +187,14 @@ async def deployment_autoscaler(
         signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
         pods = await observed_pods(namespace, name)  # kept current by watch events
         ips = [ip for _, ip in ready_replicas(pods)]
-        load = max(signal.in_flight, await _replica_load(session, ips))
+        replica_load = await _replica_load(session, ips)
+        known = [x for x in (signal.in_flight if routers_answered() else None, replica_load) if x is not None]
+        if not known:
+            # Neither the routers nor the replicas answered: no sample, rather than a load of zero that would
+            # reset the up-window or start the down-window. Asked again next tick.
+            logger.debug(f"{namespace}/{name}: load not known (no answer from the routers or the replicas)")
+            return settings.tick
+        load = max(known)
         previous_total, scaled.requests_total = scaled.requests_total, signal.requests_total
         arrived = 0 if previous_total is None else int(signal.requests_total - previous_total)
         policy.observe(now, load, arrived, last_request_at=signal.last_request)

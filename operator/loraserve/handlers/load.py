@@ -37,6 +37,7 @@ class _RouterCache:
     signals: dict[tuple[str, str], RouterSignal] = field(default_factory=dict)
     versions: dict[rollback.SeriesKey, rollback.Counters] | None = None  # parsed on first ask per scrape
     addons: dict[tuple[str, str, str], RouterSignal] | None = None  # parsed on first ask per scrape
+    answered: bool = True  # every router asked answered the last scrape
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -72,6 +73,12 @@ async def router_addon_signals(
     return latest_addon_signals()
 
 
+def routers_answered() -> bool:
+    """Whether every router asked answered the last scrape: an empty answer is then "no traffic", not "not
+    known"."""
+    return _cache.answered
+
+
 def latest_signals() -> dict[tuple[str, str], RouterSignal]:
     """Per (namespace, deployment), from the last scrape."""
     return _cache.signals
@@ -100,13 +107,15 @@ async def _scrape(session: aiohttp.ClientSession, settings: AutoscalerSettings) 
         if time.monotonic() - _cache.at < settings.tick / 2:
             return
         texts = []
-        for url in await _router_urls(settings):
+        urls = await _router_urls(settings)
+        for url in urls:
             try:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         texts.append(await resp.text())
             except (aiohttp.ClientError, TimeoutError):
                 pass  # a router replica that does not answer contributes nothing this tick
+        _cache.answered = len(texts) == len(urls)
         _cache.texts = texts
         _cache.signals = parse_router_metrics(texts)
         _cache.versions = None
