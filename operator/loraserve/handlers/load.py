@@ -37,7 +37,7 @@ class _RouterCache:
     signals: dict[tuple[str, str], RouterSignal] = field(default_factory=dict)
     versions: dict[rollback.SeriesKey, rollback.Counters] | None = None  # parsed on first ask per scrape
     addons: dict[tuple[str, str, str], RouterSignal] | None = None  # parsed on first ask per scrape
-    answered: bool = True  # every router asked answered the last scrape
+    answered: bool = True  # some router answered the last scrape (or none is configured)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -74,8 +74,8 @@ async def router_addon_signals(
 
 
 def routers_answered() -> bool:
-    """Whether every router asked answered the last scrape: an empty answer is then "no traffic", not "not
-    known"."""
+    """Whether a router answered the last scrape (or none is configured): only then is an in-flight count of
+    zero "no traffic" rather than "not known"."""
     return _cache.answered
 
 
@@ -115,7 +115,8 @@ async def _scrape(session: aiohttp.ClientSession, settings: AutoscalerSettings) 
                         texts.append(await resp.text())
             except (aiohttp.ClientError, TimeoutError):
                 pass  # a router replica that does not answer contributes nothing this tick
-        _cache.answered = len(texts) == len(urls)
+        # In-flight counts add up over the routers: those that answered give a lower bound, which is known load.
+        _cache.answered = bool(texts) or not urls
         _cache.texts = texts
         _cache.signals = parse_router_metrics(texts)
         _cache.versions = None
