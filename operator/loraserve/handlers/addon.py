@@ -492,7 +492,7 @@ async def loraaddon_follow(
             # unload (Kopf writes nothing more per addon than its finalizer: there is no deletion handler). Also
             # when the look overran STOP_GRACE and was cancelled; an operator killed before this point leaves
             # them to the sweep the addon's DELETED event asks for.
-            deployment_name = addon_deployment({"spec": dict(body.spec), "status": dict(body.status or {})})
+            deployment_name = addon_deployment(body)
             if deployment_name:
                 await _unload_addon(namespace, deployment_name, name)
                 logger.info(f"unloaded addon {name} from {deployment_name}")
@@ -542,7 +542,7 @@ async def loraaddon_event(
     _count_versions(key, None if deleted else (body.spec.get("deployment") or "", len(body.spec.get("targets") or [])))
     left = _placed.pop(key, "")
     if not deleted:
-        _placed[key] = str(body.spec.get("deployment") or body.status.get("deployment") or "")
+        _placed[key] = addon_deployment(body) or ""
     if left and left != _placed.get(key):
         _sweep_later(key[0], left, kwargs["addon_placements"])
     followed = _followed.get(key)
@@ -650,7 +650,7 @@ def addon_placements(
 ) -> dict[tuple[str, str], str]:
     """(namespace, addon) -> the Deployment it is served on ("" while a serverless addon is not seated). Kopf
     fills it from the full listing before any other handler runs, so an absent addon is really gone."""
-    return {(namespace or "", name or ""): str(spec.get("deployment") or status.get("deployment") or "")}
+    return {(namespace or "", name or ""): addon_deployment({"spec": spec, "status": status}) or ""}
 
 
 # A sweep waits this long after what asked for it, so a burst of deletions on one Deployment is one sweep.
