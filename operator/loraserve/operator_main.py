@@ -49,7 +49,19 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
 
 
+class QuietWatchHandlers(logging.Filter):
+    """Kopf logs "Handler 'x' succeeded." at INFO for every watch event an event handler sees (several per
+    object change, the operator's busiest log line by far at scale): kept at DEBUG only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not isinstance(record.msg, str):
+            return True
+        return not (record.msg.startswith("Handler '") and record.msg.endswith("' succeeded."))
+
+
 def run(namespaces: list[str] | None = None, standalone: bool = False, liveness: str | None = None) -> None:
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("kopf.objects").addFilter(QuietWatchHandlers())
     try:  # a bad setting stops the start with its reason (Kopf would retry a failing startup handler forever)
         use_settings(OperatorSettings.from_env())
         model_server_tokens()

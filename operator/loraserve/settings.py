@@ -20,6 +20,9 @@ class AutoscalerSettings:
     router_metrics_urls: tuple[str, ...] = ()
     router_service: str | None = None  # "name.namespace[:port]": scrape every ready router pod behind it
     idle_delete_after: float = 7 * 86400.0
+    # status.gpuSeconds when only the meter moved (the Prometheus counter is live): the whole idle API cost
+    # of a Deployment with ready replicas, one status write per this long.
+    gpu_meter_every: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class OperatorSettings:
             tick = 0.0
         if not 0.1 <= tick <= 60:
             raise ValueError(f"LORASERVE_AUTOSCALE_TICK: seconds between 0.1 and 60, got {tick_text!r}")
+        gpu_meter_every = _window(env, "LORASERVE_GPU_METER_INTERVAL", "5m")
+        if gpu_meter_every < 10:
+            raise ValueError("LORASERVE_GPU_METER_INTERVAL: at least 10s")
         pool_spec_text = env.get("LORASERVE_SERVERLESS_POOL_SPEC", "") or "{}"
         try:
             pool_spec = json.loads(pool_spec_text)
@@ -61,6 +67,7 @@ class OperatorSettings:
                 router_metrics_urls=urls,
                 router_service=env.get("LORASERVE_ROUTER_METRICS_SERVICE") or None,
                 idle_delete_after=_window(env, "LORASERVE_IDLE_DELETE_AFTER", "168h"),
+                gpu_meter_every=gpu_meter_every,
             ),
             addon_idle_unload_after=_window(env, "LORASERVE_ADDON_IDLE_UNLOAD_AFTER", "168h"),
             serverless_pool_gc_after=_window(env, "LORASERVE_SERVERLESS_POOL_GC_AFTER", "10m"),

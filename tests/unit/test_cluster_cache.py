@@ -80,3 +80,21 @@ def test_forget_frees_a_deleted_deployment() -> None:
     cache.forget(KEY)
     assert KEY not in cache.pods
     assert KEY not in cache.children
+
+
+def test_what_is_kept_has_no_managed_fields() -> None:
+    """At 1,000 Deployments the operator keeps thousands of objects: server-side apply's bookkeeping is dropped,
+    the rest (what status and the addons read) is kept."""
+    cache = ClusterCache()
+    watched, listed = pod("a", 5), pod("b", 3)
+    for obj in (watched, listed):
+        obj["metadata"]["managedFields"] = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
+    cache.pod_event(KEY, "ADDED", watched)
+    cache.fill_pods(KEY, [listed], 4)
+    child = {"metadata": {"name": "chat", "resourceVersion": "3", "managedFields": [{}]}, "spec": {"replicas": 2}}
+    cache.child_event(KEY, "ADDED", child)
+    kept = cache.pod_list(KEY) or []
+    assert {p["metadata"]["name"] for p in kept} == {"a", "b"}
+    assert all("managedFields" not in p["metadata"] for p in kept)
+    assert all(p["status"]["podIP"] == "10.0.0.1" for p in kept)
+    assert cache.children[KEY] == {"metadata": {"name": "chat", "resourceVersion": "3"}, "spec": {"replicas": 2}}

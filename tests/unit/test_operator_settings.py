@@ -14,6 +14,7 @@ def test_defaults() -> None:
     assert settings.serverless_pool_gc_after == 600
     assert dict(settings.serverless_pool_spec) == {}
     assert settings.manifests.fetcher_port == 8001
+    assert settings.autoscaler.gpu_meter_every == 300
 
 
 def test_values_are_parsed() -> None:
@@ -24,8 +25,10 @@ def test_values_are_parsed() -> None:
             "LORASERVE_ADDON_IDLE_UNLOAD_AFTER": "90s",
             "LORASERVE_SERVERLESS_POOL_GC_AFTER": "1h",
             "LORASERVE_SERVERLESS_POOL_SPEC": '{"acceleratorType": "NVIDIA_L4"}',
+            "LORASERVE_GPU_METER_INTERVAL": "1m",
         }
     )
+    assert settings.autoscaler.gpu_meter_every == 60
     assert settings.autoscaler.tick == 0.5
     assert len(settings.autoscaler.router_metrics_urls) == 2
     assert settings.addon_idle_unload_after == 90
@@ -45,6 +48,7 @@ def test_values_are_parsed() -> None:
         ("LORASERVE_SERVERLESS_POOL_SPEC", "{acceleratorType: L4}"),
         ("LORASERVE_SERVERLESS_POOL_SPEC", "[1, 2]"),
         ("LORASERVE_DRAIN_SECONDS", "soon"),
+        ("LORASERVE_GPU_METER_INTERVAL", "1s"),
     ],
 )
 def test_a_malformed_setting_names_its_variable(key: str, value: str) -> None:

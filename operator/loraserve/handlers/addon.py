@@ -21,6 +21,7 @@ from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import MODEL_SERVER_PORT, POOL_LABEL, addon_deployment, selector_labels
 from loraserve.durations import parse_window
 from loraserve.handlers import deployment as deployments
+from loraserve.handlers.cache import slim
 from loraserve.handlers.deployment import kube, model_server_tokens, observed_pods, observed_version
 from loraserve.handlers.follow import follow
 from loraserve.handlers.load import (
@@ -537,6 +538,7 @@ async def loraaddon_event(
 ) -> None:
     """A spec change (a new generation) or a re-arm annotation wakes the addon; its own status writes do not.
     A Deployment the addon left (moved or deleted) is swept of anything of it still loaded."""
+    slim(event["object"])  # the loop's live body (Kopf keeps this dict)
     key = (namespace or "", name or "")
     deleted = event.get("type") == "DELETED"
     _count_versions(key, None if deleted else (body.spec.get("deployment") or "", len(body.spec.get("targets") or [])))

@@ -7,6 +7,7 @@ GC age (with an Event first)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+import kubernetes
 from prometheus_client import Counter
 
 from loraserve.api.common import GROUP, VERSION
@@ -42,10 +44,6 @@ GPU_SECONDS = Counter(
     "loraserve_gpu_seconds_total", "Ready replicas x accelerators x seconds", ["namespace", "deployment", "accelerator"]
 )
 SCALE_DECISIONS = Counter("loraserve_scale_decisions_total", "Replica changes", ["namespace", "deployment", "reason"])
-# Seconds between status writes when only the GPU meter moved: the live figure is the metric
-# loraserve_gpu_seconds_total; status is a summary, and a write per Deployment every few seconds would be
-# most of the API server's load at a thousand Deployments.
-STATUS_EVERY = 60.0
 # An idle Deployment's autoscaler looks at least this often (it is woken by events; this is a safety net).
 RESYNC_SECONDS = 300.0
 COALESCE_SECONDS = 0.2
@@ -157,7 +155,7 @@ async def deployment_autoscaler(
 ) -> None:
     """Looks every tick while the Deployment has traffic or a change under way; idle, only when woken (traffic
     seen by the routers, a new spec, a replica's readiness) or at its next deadline (a window ending, idle GC,
-    the GPU meter's status write once a minute)."""
+    the GPU meter's status write, every LORASERVE_GPU_METER_INTERVAL)."""
     settings = operator_settings().autoscaler
     created = _epoch(body.metadata.get("creationTimestamp")) or time.time()
     status = dict(body.status or {})
@@ -222,8 +220,8 @@ async def deployment_autoscaler(
             # Rounded up to the second status keeps: a successor's zero clock is never earlier.
             new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
         changed = {k: v for k, v in new_status.items() if written.get(k) != v}
-        # The meter alone moves on every look: it rides along with another change, or once a minute.
-        if changed or now - last_written >= STATUS_EVERY:
+        # The meter alone moves on every look: it rides along with another change, or every gpu_meter_every.
+        if changed or now - last_written >= settings.gpu_meter_every:
             if written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
                 changed["gpuSeconds"] = gpu
             if changed:
@@ -244,7 +242,7 @@ async def deployment_autoscaler(
             )
             return None
         busy = load > 0 or signal.held > 0 or arrived > 0 or scaling
-        meter_due = last_written + STATUS_EVERY if ips else None
+        meter_due = last_written + settings.gpu_meter_every if ips else None
         return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), RESYNC_SECONDS)
 
     try:
@@ -254,3 +252,8 @@ async def deployment_autoscaler(
         if _scaled.get((namespace, name)) is scaled:
             del _scaled[(namespace, name)]
         forget_deployment(namespace, name)  # a deleted Deployment leaves no stale gauges
+        meter.sample(time.time(), 0, 0)  # charges the time since the last look at that look's count
+        if not body.metadata.get("deletionTimestamp") and written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
+            # Stopping (shutdown, a peer takes over): what the meter counted since its last write is kept.
+            with contextlib.suppress(kubernetes.client.ApiException):
+                await asyncio.to_thread(_patch_status, namespace, name, {"gpuSeconds": gpu})

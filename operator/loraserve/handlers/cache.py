@@ -8,6 +8,7 @@ carry their resourceVersion and the newer one wins."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,15 @@ def _rv(obj: dict[str, Any]) -> int:
         return int(obj.get("metadata", {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+def slim(obj: Mapping[str, Any]) -> None:
+    """`obj` as the operator keeps it in memory: without metadata.managedFields (server-side apply's record of
+    who wrote what, never read here), which is about half of a small object's memory and more of a pod's.
+    In place: the watch event's own dict is also what Kopf keeps as a followed object's live body."""
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict):
+        metadata.pop("managedFields", None)
 
 
 def replica_view(pod: dict[str, Any]) -> tuple[bool, str | None, int]:
@@ -51,6 +61,7 @@ class ClusterCache:
     def pod_event(self, key: Key, event_type: str | None, pod: dict[str, Any]) -> bool:
         """Record a pod event; True when the pod's readiness, IP or restarts changed (addons must look)."""
         entry = self.pods.setdefault(key, PodSet())
+        slim(pod)
         name = pod["metadata"]["name"]
         before = entry.pods.get(name)
         if before is not None and _rv(before) > _rv(pod):
@@ -63,6 +74,7 @@ class ClusterCache:
         return before is None or replica_view(before) != replica_view(pod)
 
     def child_event(self, key: Key, event_type: str | None, child: dict[str, Any]) -> None:
+        slim(child)
         before = self.children.get(key)
         if before is not None and _rv(before) > _rv(child):
             return
@@ -70,6 +82,7 @@ class ClusterCache:
 
     def version_event(self, key: Key, event_type: str | None, version: dict[str, Any]) -> bool:
         """Record a ModelVersion event; True when its spec changed (or it came or went)."""
+        slim(version)
         before = self.versions.get(key)
         if before is not None and _rv(before) > _rv(version):
             return False
@@ -81,6 +94,8 @@ class ClusterCache:
     def fill_pods(self, key: Key, listed: list[dict[str, Any]], list_rv: int) -> None:
         """A LIST's answer, merged with what events brought meanwhile (the newer of the two wins)."""
         entry = self.pods.get(key) or PodSet()
+        for pod in listed:
+            slim(pod)
         fresh = {p["metadata"]["name"]: p for p in listed if entry.gone.get(p["metadata"]["name"], -1) <= list_rv}
         for name, pod in entry.pods.items():
             if _rv(pod) > list_rv or (name in fresh and _rv(pod) > _rv(fresh[name])):
@@ -88,11 +103,15 @@ class ClusterCache:
         self.pods[key] = PodSet(fresh, {n: rv for n, rv in entry.gone.items() if rv > list_rv}, listed=True)
 
     def fill_child(self, key: Key, child: dict[str, Any] | None) -> None:
+        if child is not None:
+            slim(child)
         before = self.children.get(key)
         if child is None or before is None or _rv(child) >= _rv(before):
             self.children[key] = child
 
     def fill_version(self, key: Key, version: dict[str, Any] | None) -> None:
+        if version is not None:
+            slim(version)
         before = self.versions.get(key)
         if version is None or before is None or _rv(version) >= _rv(before):
             self.versions[key] = version

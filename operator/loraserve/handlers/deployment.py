@@ -16,7 +16,7 @@ from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import LABEL_DEPLOYMENT, LABEL_NAME, child_name, selector_labels
-from loraserve.handlers.cache import ClusterCache
+from loraserve.handlers.cache import ClusterCache, slim
 from loraserve.handlers.follow import follow
 from loraserve.handlers.metrics import record_replicas
 from loraserve.kube import Kube, api_error_text
@@ -224,7 +224,7 @@ async def deployment_follow(
             watched.refresh = True  # the slow resync reads the cluster afresh
         refresh, watched.refresh = watched.refresh, False
         try:
-            await _reconcile_and_write(body, name, namespace, logger, refresh, _written(memo))
+            await _reconcile_and_write(body, name, namespace, logger, refresh, memo)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile
@@ -243,12 +243,18 @@ async def deployment_follow(
 
 
 async def _reconcile_and_write(
-    body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool, written: Status
+    body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool, memo: kopf.Memo
 ) -> None:
     patch = kopf.Patch()
+    written = _written(memo)
     await reconcile(body, patch, logger, refresh, written)
-    if patch.spec:
+    if body.spec.get("replicas") is not None:
+        memo.pop("spec_written", None)
+    # Once: until the watch brings the write back, every look would write spec.replicas again (and each write is
+    # a new generation, so a reconcile that reads the cluster afresh).
+    if patch.spec and memo.get("spec_written") != dict(patch.spec):
         await asyncio.to_thread(kube().patch_custom, "deployments", name, namespace, {"spec": dict(patch.spec)})
+        memo["spec_written"] = dict(patch.spec)
     if patch.status:
         await asyncio.to_thread(
             kube().patch_custom_status, "deployments", name, namespace, {"status": dict(patch.status)}
@@ -270,6 +276,7 @@ async def deployment_spec_changed(
     zero): its loop reconciles, reading the cluster afresh. The loop's first look is the create's (or, after a
     restart, the resume's) reconcile: with no create or update handler, Kopf writes no last-handled-configuration
     per Deployment, and a create is reconciled once, not twice."""
+    slim(event["object"])  # the loops' live body (Kopf keeps this dict)
     watched = _watched.get((namespace or "", name or ""))
     if watched is None or event.get("type") == "DELETED":
         return
