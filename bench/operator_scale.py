@@ -61,6 +61,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loraserve.api.naming import MODEL_SERVER_PORT
 from loraserve.local.cluster import REPO_ROOT, LocalCluster, free_port
 from loraserve.resources.settings import ManifestSettings
+from loraserve.settings import OperatorSettings
 
 NETNS_ENV = "LORASERVE_BENCH_NETNS"
 POD_SUPERNET = "10.244.0.0/16"  # the node agent gives node i the pod CIDR 10.244.<i+1>.0/24
@@ -633,6 +634,12 @@ def print_size(r: dict[str, Any]) -> None:
     )
     for (verb, resource), rate in r["top"]:
         print(f"    {rate:8.2f}/s  {verb:6s} {resource}")
+    meter_every = OperatorSettings.from_env().autoscaler.gpu_meter_every
+    shorter = "; the window is shorter than that" if r["idle_s"] < meter_every else ""
+    print(
+        f"    (by design: the GPU meter's status write, once per ready Deployment every {meter_every:.0f} s, "
+        f"{r['n'] / meter_every:.2f}/s here on average{shorter})"
+    )
     print(
         f"API calls per object while creating and converging (beyond baseline and our creates): "
         f"{r['converge_calls_per_object']:.1f}"

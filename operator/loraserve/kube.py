@@ -118,11 +118,22 @@ class Kube:
             raise
         return obj
 
-    def patch_custom(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+    def patch_custom(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> int:
+        """Returns the object's generation after the patch."""
+        patched = _json(
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, body, _preload_content=False
+            )
+        )
+        return int(patched["metadata"].get("generation") or 0)
 
     def patch_custom_status(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, body)
+        # The answer (the whole object) is not decoded: the watch brings the write back.
+        _drain(
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, body, _preload_content=False
+            )
+        )
 
 
 # Server-side apply, the answer left undecoded: the operator reads its objects from watch events, and turning

@@ -13,7 +13,7 @@ import kopf
 
 from loraserve import peering
 from loraserve.handlers import addon, autoscaler, deployment, modelversion  # noqa: F401  (registers the handlers)
-from loraserve.handlers.deployment import model_server_tokens
+from loraserve.handlers.deployment import MODEL_SERVER, model_server_tokens
 from loraserve.kube import CALLS_IN_FLIGHT, load_config
 from loraserve.settings import OperatorSettings, operator_settings, use_settings
 
@@ -39,6 +39,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             f"peering {PEERING_NAME!r} (lifetime {settings.peering.lifetime}s): {peering.STANDING_BY}"
         )
     settings.posting.level = logging.INFO
+    watch_only_model_servers(settings)
     settings.persistence.finalizer = "serving.loraserve.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="serving.loraserve.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="serving.loraserve.dev")
@@ -57,6 +58,15 @@ class QuietWatchHandlers(logging.Filter):
         if record.levelno != logging.INFO or not isinstance(record.msg, str):
             return True
         return not (record.msg.startswith("Handler '") and record.msg.endswith("' succeeded."))
+
+
+def watch_only_model_servers(settings: kopf.OperatorSettings) -> None:
+    """Server-side label selectors: the operator reads the model servers' pods and apps/v1 Deployments only.
+    A handler's `labels=` filter alone is applied after Kopf has read every pod of the cluster (and kept a
+    memory of each)."""
+    selector = ",".join(f"{k}={v}" for k, v in MODEL_SERVER.items())
+    settings.watching.label_selectors["v1", "pods"] = selector
+    settings.watching.label_selectors["apps", "deployments"] = selector
 
 
 def run(namespaces: list[str] | None = None, standalone: bool = False, liveness: str | None = None) -> None:

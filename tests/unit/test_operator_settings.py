@@ -77,3 +77,24 @@ def test_peering_lifetime_is_read_with_the_rest() -> None:
     assert OperatorSettings.from_env({"LORASERVE_PEERING_LIFETIME": "30s"}).peering_lifetime == 30
     with pytest.raises(ValueError, match="LORASERVE_PEERING_LIFETIME"):
         OperatorSettings.from_env({"LORASERVE_PEERING_LIFETIME": "1s"})
+
+
+def test_the_operator_reads_only_model_server_pods_and_deployments() -> None:
+    """Server-side label selectors (a handler's label filter alone would read every pod of the cluster): they
+    match the labels every model-server pod and apps/v1 Deployment carries, and leave the CRs alone."""
+    import kopf
+    from kopf._cogs.structs.references import Resource
+
+    from loraserve.api.naming import selector_labels
+    from loraserve.operator_main import watch_only_model_servers
+
+    settings = kopf.OperatorSettings()
+    watch_only_model_servers(settings)
+    pods = Resource("", "v1", "pods", kind="Pod", namespaced=True)
+    children = Resource("apps", "v1", "deployments", kind="Deployment", namespaced=True)
+    crs = Resource("serving.loraserve.dev", "v1alpha1", "deployments", kind="Deployment", namespaced=True)
+    labels = selector_labels("chat")
+    for resource in (pods, children):
+        (selector,) = settings.watching.label_selectors.collect(resource)
+        assert dict(term.split("=") for term in selector.split(",")).items() <= labels.items()
+    assert not list(settings.watching.label_selectors.collect(crs))

@@ -73,9 +73,7 @@ def _epoch(text: str | None) -> float | None:
 
 
 def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    kube().custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, "deployments", name, {"status": status}
-    )
+    kube().patch_custom_status("deployments", name, namespace, {"status": status})
 
 
 def _scale(namespace: str, name: str, replicas: int) -> None:

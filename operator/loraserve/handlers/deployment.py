@@ -196,6 +196,9 @@ class Watched:
         self.wake = asyncio.Event()
         self.refresh = True  # the next reconcile reads the cluster afresh
         self.generation = body.metadata.get("generation")
+        # The generation this operator's own spec write (spec.replicas) made: its event needs a reconcile (for
+        # status.observedGeneration) but nothing read afresh, since only that field changed.
+        self.own_generation: int | None = None
 
 
 # (namespace, name) -> the CR's loop, registered by its daemon and removed when the daemon ends (the object is
@@ -253,8 +256,13 @@ async def _reconcile_and_write(
     # Once: until the watch brings the write back, every look would write spec.replicas again (and each write is
     # a new generation, so a reconcile that reads the cluster afresh).
     if patch.spec and memo.get("spec_written") != dict(patch.spec):
-        await asyncio.to_thread(kube().patch_custom, "deployments", name, namespace, {"spec": dict(patch.spec)})
+        generation = await asyncio.to_thread(
+            kube().patch_custom, "deployments", name, namespace, {"spec": dict(patch.spec)}
+        )
         memo["spec_written"] = dict(patch.spec)
+        watched = _watched.get((namespace, name))
+        if watched is not None:
+            watched.own_generation = generation
     if patch.status:
         await asyncio.to_thread(
             kube().patch_custom_status, "deployments", name, namespace, {"status": dict(patch.status)}
@@ -283,7 +291,7 @@ async def deployment_spec_changed(
     generation = body.metadata.get("generation")
     if generation != watched.generation:
         watched.generation = generation
-        watched.refresh = True
+        watched.refresh = watched.refresh or generation != watched.own_generation
         watched.wake.set()
 
 
