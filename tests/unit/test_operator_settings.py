@@ -98,3 +98,35 @@ def test_the_operator_reads_only_model_server_pods_and_deployments() -> None:
         (selector,) = settings.watching.label_selectors.collect(resource)
         assert dict(term.split("=") for term in selector.split(",")).items() <= labels.items()
     assert not list(settings.watching.label_selectors.collect(crs))
+
+
+def test_the_lean_essence_is_kopfs_essence() -> None:
+    """Kopf's diff base is built without copying status and managedFields, and comes out the same."""
+    import kopf
+
+    from loraserve.operator_main import LeanDiffBaseStorage
+
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "chat-0",
+            "namespace": "ns",
+            "uid": "u",
+            "resourceVersion": "7",
+            "labels": {"app": "x"},
+            "annotations": {"note": "kept", "serving.loraserve.dev/last-handled-configuration": "{}"},
+            "ownerReferences": [{"kind": "ReplicaSet", "name": "chat-1", "uid": "r"}],
+            "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
+        },
+        "spec": {"containers": [{"name": "vllm", "image": "v"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.1"},
+    }
+    body = kopf.Body(pod)  # type: ignore[arg-type]
+    full = kopf.AnnotationsDiffBaseStorage(prefix="serving.loraserve.dev").build(body=body)
+    lean = LeanDiffBaseStorage(prefix="serving.loraserve.dev").build(body=body)
+    assert lean == full
+    assert lean == {
+        "spec": {"containers": [{"name": "vllm", "image": "v"}]},
+        "metadata": {"labels": {"app": "x"}, "annotations": {"note": "kept"}},
+    }

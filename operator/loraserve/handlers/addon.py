@@ -27,10 +27,9 @@ from loraserve.handlers.follow import follow
 from loraserve.handlers.load import (
     SCRAPE_LISTENERS,
     latest_addon_signals,
+    latest_version_counters,
     ready_replicas,
-    router_addon_signals,
     router_signals,
-    router_version_counters,
 )
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
 from loraserve.kube import api_error_text
@@ -320,10 +319,10 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logge
     present = {k: v for k, v in versions.items() if v is not None}
     wanted = addons.artifacts(name, spec, present)
     # Idle addons are unloaded (freeing their GPU slot) and load again when a request comes: the router holds
-    # a request for an adapter no replica has, and reports it in flight, which wakes it here.
-    async with aiohttp.ClientSession() as session:
-        demand = (await router_addon_signals(session, settings.autoscaler)).get((namespace, deployment_name, name))
-        counters = await router_version_counters(session, settings.autoscaler)
+    # a request for an adapter no replica has, and reports it in flight, which wakes it here. The routers are
+    # read every tick by one scraper for the whole operator (see load.scrape_routers), not by each look.
+    demand = latest_addon_signals().get((namespace, deployment_name, name))
+    counters = latest_version_counters()
     decision = _rollback(
         body, spec, generation, previous, present, counters, (namespace, deployment_name, name), memo, now
     )

@@ -66,13 +66,6 @@ async def router_signals(
     return _cache.signals
 
 
-async def router_addon_signals(
-    session: aiohttp.ClientSession, settings: AutoscalerSettings
-) -> dict[tuple[str, str, str], RouterSignal]:
-    await _scrape(session, settings)
-    return latest_addon_signals()
-
-
 def routers_answered() -> bool:
     """Whether a router answered the last scrape (or none is configured): only then is an in-flight count of
     zero "no traffic" rather than "not known"."""
@@ -91,12 +84,9 @@ def latest_addon_signals() -> dict[tuple[str, str, str], RouterSignal]:
     return _cache.addons
 
 
-async def router_version_counters(
-    session: aiohttp.ClientSession, settings: AutoscalerSettings
-) -> dict[rollback.SeriesKey, rollback.Counters]:
-    """Per (namespace, deployment, addon, version): the routers' cumulative request, error and latency
-    counters (the automatic rollback's input), parsed once per scrape for every addon."""
-    await _scrape(session, settings)
+def latest_version_counters() -> dict[rollback.SeriesKey, rollback.Counters]:
+    """Per (namespace, deployment, addon, version), from the last scrape: the routers' cumulative request,
+    error and latency counters (the automatic rollback's input), parsed once per scrape for every addon."""
     if _cache.versions is None:
         _cache.versions = rollback.parse_counters(_cache.texts)
     return _cache.versions
