@@ -9,6 +9,7 @@ The binaries come from hack/build-cluster-bins.sh (built from their Go modules, 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_IP = "10.96.0.1"  # the kubernetes Service: the first address of SERVICE_CIDR
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 
 
@@ -121,19 +123,43 @@ class LocalCluster:
                 check=True,
                 capture_output=True,
             )
+        self._write_serving_certificate(pki)
         tokens = pki / "tokens.csv"
         tokens.write_text(f"{self.token},admin,admin,system:masters\n")
         tokens.chmod(0o600)
+        ca = base64.b64encode((pki / "ca.crt").read_bytes()).decode()
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "local", "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}],
+            "clusters": [{"name": "local", "cluster": {"server": self.server, "certificate-authority-data": ca}}],
             "users": [{"name": "admin", "user": {"token": self.token}}],
             "contexts": [{"name": "local", "context": {"cluster": "local", "user": "admin"}}],
             "current-context": "local",
         }
         self.kubeconfig.write_text(yaml.safe_dump(config))
         self.kubeconfig.chmod(0o600)
+
+    def _write_serving_certificate(self, pki: Path) -> None:
+        """A CA of this cluster's own and the API server's certificate from it: clients verify the server (the
+        kubeconfig carries the CA), as on any real cluster. Kept across restarts of the same work dir."""
+        if (pki / "ca.crt").exists() and (pki / "apiserver.crt").exists():
+            return
+        names = ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+        alt = ",".join(["IP:127.0.0.1", f"IP:{SERVICE_IP}", "DNS:localhost", *(f"DNS:{n}" for n in names)])
+        (pki / "apiserver.ext").write_text(
+            f"subjectAltName={alt}\nbasicConstraints=CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        )
+        steps = [
+            "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj /CN=loraserve-local-ca",
+            "req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj /CN=kube-apiserver",
+            "x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -extfile apiserver.ext "
+            "-out apiserver.crt",
+        ]
+        for step in steps:
+            subprocess.run(["openssl", *step.split()], check=True, capture_output=True, cwd=pki)
+        for key in ("ca.key", "apiserver.key"):
+            (pki / key).chmod(0o600)
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -164,7 +190,8 @@ class LocalCluster:
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
             f"--secure-port={self.api_port}",
-            f"--cert-dir={pki}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=RBAC",
             f"--token-auth-file={pki / 'tokens.csv'}",
@@ -185,7 +212,7 @@ class LocalCluster:
             "--leader-elect=false",
             "--secure-port=0",
             f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'apiserver.crt'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--use-service-account-credentials=false",
             # Fake nodes heartbeat every few seconds; do not evict their pods on a brief pause of the agent.
@@ -203,9 +230,7 @@ class LocalCluster:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
 
     def request(self, path: str) -> tuple[int, bytes]:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx = ssl.create_default_context(cafile=str(self.workdir / "pki" / "ca.crt"))
         req = urllib.request.Request(self.server + path, headers={"Authorization": f"Bearer {self.token}"})
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:
