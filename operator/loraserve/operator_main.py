@@ -52,7 +52,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 class QuietWatchHandlers(logging.Filter):
     """Kopf logs "Handler 'x' succeeded." at INFO for every watch event an event handler sees (several per
-    object change, the operator's busiest log line by far at scale): kept at DEBUG only."""
+    object change, the operator's busiest log line by far at scale): shown only with --verbose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.INFO or not isinstance(record.msg, str):
