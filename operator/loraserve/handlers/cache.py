@@ -24,11 +24,11 @@ def _rv(obj: dict[str, Any]) -> int:
         return 0
 
 
-def slim(obj: Mapping[str, Any]) -> None:
+def slim(obj: Mapping[str, Any] | None) -> None:
     """`obj` as the operator keeps it in memory: without metadata.managedFields (server-side apply's record of
     who wrote what, never read here), which is about half of a small object's memory and more of a pod's.
     In place: the watch event's own dict is also what Kopf keeps as a followed object's live body."""
-    metadata = obj.get("metadata")
+    metadata = None if obj is None else obj.get("metadata")
     if isinstance(metadata, dict):
         metadata.pop("managedFields", None)
 
@@ -103,15 +103,13 @@ class ClusterCache:
         self.pods[key] = PodSet(fresh, {n: rv for n, rv in entry.gone.items() if rv > list_rv}, listed=True)
 
     def fill_child(self, key: Key, child: dict[str, Any] | None) -> None:
-        if child is not None:
-            slim(child)
+        slim(child)
         before = self.children.get(key)
         if child is None or before is None or _rv(child) >= _rv(before):
             self.children[key] = child
 
     def fill_version(self, key: Key, version: dict[str, Any] | None) -> None:
-        if version is not None:
-            slim(version)
+        slim(version)
         before = self.versions.get(key)
         if version is None or before is None or _rv(version) >= _rv(before):
             self.versions[key] = version

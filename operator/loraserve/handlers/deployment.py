@@ -227,7 +227,7 @@ async def deployment_follow(
             watched.refresh = True  # the slow resync reads the cluster afresh
         refresh, watched.refresh = watched.refresh, False
         try:
-            await _reconcile_and_write(body, name, namespace, logger, refresh, memo)
+            await _reconcile_and_write(body, name, namespace, logger, refresh, _written(memo))
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None  # deleted meanwhile
@@ -246,21 +246,18 @@ async def deployment_follow(
 
 
 async def _reconcile_and_write(
-    body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool, memo: kopf.Memo
+    body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool, written: Status
 ) -> None:
     patch = kopf.Patch()
-    written = _written(memo)
     await reconcile(body, patch, logger, refresh, written)
-    if body.spec.get("replicas") is not None:
-        memo.pop("spec_written", None)
-    # Once: until the watch brings the write back, every look would write spec.replicas again (and each write is
-    # a new generation, so a reconcile that reads the cluster afresh).
-    if patch.spec and memo.get("spec_written") != dict(patch.spec):
+    watched = _watched.get((namespace, name))
+    # Once: until the watch brings the write back (the body reaches the generation it made), every look would
+    # write spec.replicas again, each a new generation.
+    pending = watched is not None and int(body.metadata.get("generation") or 0) < (watched.own_generation or 0)
+    if patch.spec and not pending:
         generation = await asyncio.to_thread(
             kube().patch_custom, "deployments", name, namespace, {"spec": dict(patch.spec)}
         )
-        memo["spec_written"] = dict(patch.spec)
-        watched = _watched.get((namespace, name))
         if watched is not None:
             watched.own_generation = generation
     if patch.status:
