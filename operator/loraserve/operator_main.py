@@ -43,7 +43,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "serving.loraserve.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="serving.loraserve.dev")
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix="serving.loraserve.dev")
-    # A stopped daemon that ends within this (an addon's loop unloading its adapters) lets Kopf remove the
+    # A stopped daemon that ends within this (a Deployment's loop finishing its look) lets Kopf remove the
     # finalizer in the same pass; else Kopf looks again only after the daemon's cancellation backoff.
     settings.background.instant_exit_timeout = 5.0
     settings.watching.server_timeout = 300

@@ -1,6 +1,7 @@
-"""The loop each followed Deployment and LoraAddon runs, under a fake clock (looptime, as Kopf's own tests):
-it looks at once, again when woken or when the deadline its last look returned comes, serves a burst of wakes
-with one look, and stops when told. No wall-clock waits: a 5-minute deadline takes no real time."""
+"""The loop each followed Deployment runs, and the timer-driven looks of each LoraAddon, under a fake clock
+(looptime, as Kopf's own tests): they look at once, again when woken or when the deadline the last look
+returned comes, serve a burst of wakes with one look, and stop when told. No wall-clock waits: a 5-minute
+deadline takes no real time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import pytest
 from kopf._cogs.aiokits.aioenums import AsyncFlagWaiter, FlagSetter
 
-from loraserve.handlers.follow import follow
+from loraserve.handlers.follow import Looks, follow
 
 COALESCE = 0.2
 
@@ -58,3 +59,98 @@ async def test_stopping_ends_the_loop_without_another_look() -> None:
     await asyncio.wait_for(loop, timeout=1)
     assert recorder.looks == [(0.2, True)]
     assert asyncio.get_running_loop().time() == pytest.approx(100, abs=0.01)
+
+
+# -- Looks: the same rules without a task while idle (the addons) ----------------------------------------------
+RETRY = 5.0
+
+
+async def idle(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+@pytest.mark.looptime
+async def test_looks_follow_the_returned_deadlines_with_no_task_while_idle() -> None:
+    recorder = Recorder([30.0, 600.0, None])
+    looks = Looks(recorder.look, COALESCE, RETRY)
+    tasks_before = len(asyncio.all_tasks())
+    looks.wake()
+    await idle(10)
+    assert len(asyncio.all_tasks()) == tasks_before  # waiting for its deadline: a timer, not a task
+    await idle(2000)
+    assert recorder.looks == [(0.2, True), (30.2, False), (630.2, False)]  # None: no more looks
+
+
+@pytest.mark.looptime
+async def test_a_burst_of_wakes_is_one_look_and_a_wake_during_a_look_looks_again() -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    times: list[float] = []
+
+    async def slow_look(woken: bool) -> float | None:
+        times.append(round(asyncio.get_running_loop().time(), 3))
+        started.set()
+        await release.wait()
+        return 300.0
+
+    looks = Looks(slow_look, COALESCE, RETRY)
+    for _ in range(5):
+        looks.wake()
+        await idle(0.02)
+    await started.wait()
+    looks.wake()  # comes while looking: served after this look, not beside it
+    assert looks.looking
+    await idle(10)
+    release.set()
+    await idle(1)
+    assert times == [0.2, 10.4]  # one look for the burst; the wake during it: one more, coalesced after it
+
+
+@pytest.mark.looptime
+async def test_a_look_that_raises_is_looked_at_again_and_stop_waits_for_the_look() -> None:
+    calls: list[float] = []
+
+    async def flaky(_: bool) -> float | None:
+        calls.append(round(asyncio.get_running_loop().time(), 3))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        await asyncio.sleep(3)
+        return 300.0
+
+    looks = Looks(flaky, COALESCE, RETRY)
+    looks.wake()
+    await idle(6)
+    assert calls == [0.2, 5.2]  # retried after RETRY
+    await looks.stop(grace=20)  # the look under way (until 8.2) ends first
+    assert asyncio.get_running_loop().time() == pytest.approx(8.2, abs=0.01)
+    looks.wake()
+    await idle(1000)
+    assert calls == [0.2, 5.2]  # stopped: no more looks
+
+
+@pytest.mark.looptime
+async def test_a_gated_look_is_skipped_until_woken_again() -> None:
+    recorder = Recorder([300.0, 300.0])
+    allowed = False
+    looks = Looks(recorder.look, COALESCE, RETRY, lambda: allowed)
+    looks.wake()
+    await idle(100)
+    assert recorder.looks == []  # e.g. its Deployment's loop not started yet
+    allowed = True
+    looks.wake()  # whoever opened the gate
+    await idle(1)
+    assert recorder.looks == [(100.2, True)]
+
+
+@pytest.mark.looptime
+async def test_stop_cancels_a_look_that_overruns_its_grace() -> None:
+    async def stuck(_: bool) -> float | None:
+        await asyncio.sleep(10_000)
+        return None
+
+    looks = Looks(stuck, COALESCE, RETRY)
+    looks.wake()
+    await idle(1)
+    await looks.stop(grace=20)
+    assert not looks.looking
+    assert asyncio.get_running_loop().time() == pytest.approx(21, abs=0.01)

@@ -23,7 +23,7 @@ from loraserve.durations import parse_window
 from loraserve.handlers import deployment as deployments
 from loraserve.handlers.cache import slim
 from loraserve.handlers.deployment import kube, model_server_tokens, observed_pods, observed_version
-from loraserve.handlers.follow import follow
+from loraserve.handlers.follow import Looks
 from loraserve.handlers.load import (
     SCRAPE_LISTENERS,
     latest_addon_signals,
@@ -278,7 +278,7 @@ def _rollback(
     return decision
 
 
-async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, memo: Any) -> float:
+async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, Any]) -> float:
     """Observe, decide, execute; returns the seconds until the addon must be looked at again when nothing
     wakes it sooner."""
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
@@ -408,17 +408,109 @@ def _capacity(namespace: str, deployment_name: str, deployment: DeploymentSpec, 
     return condition("OverCapacity", over, reason, message, gen, now)
 
 
+# Held on every addon this operator has looked at, so that its adapters leave its replicas before it goes
+# (`kubectl delete` returns once they have). The operator's own, not Kopf's: addons have no Kopf daemon.
+FINALIZER = "serving.loraserve.dev/unload-adapters"
+
+
 class Followed:
-    """A LoraAddon the operator follows: its live body, what wakes its loop, and what it was last woken for."""
+    """A LoraAddon the operator follows: its latest body (from its watch events), its state between looks
+    (written status, backoff, rollback window), and its looks. No task of its own while idle."""
 
     def __init__(self, body: kopf.Body) -> None:
         self.body = body
-        self.wake = asyncio.Event()
+        self.namespace = str(body.metadata.namespace)
+        self.name = str(body.metadata.name)
+        self.memo: dict[str, Any] = {}
         self.seen: tuple[Any, ...] = ()
         self.served_on: str | None = None
+        self.finalizing: asyncio.Task[None] | None = None
+        self.looks = Looks(self.look, COALESCE_SECONDS, UNREACHABLE_RETRY, self.may_look)
+
+    def wake(self) -> None:
+        self.looks.wake()
+
+    def may_look(self) -> bool:
+        """Not while its Deployment exists but this operator does not follow it: its loop is starting (and wakes
+        its addons when it has), the Deployment is being deleted, or this operator paused for a peer (Kopf
+        stopped the Deployments' loops)."""
+        placed = self.served_on
+        return (
+            placed is None
+            or deployments.followed(self.namespace, placed) is not None
+            or not _known(self.namespace, placed)
+        )
+
+    async def look(self, _: bool) -> float | None:
+        body, name, namespace = self.body, self.name, self.namespace
+        if body.metadata.get("deletionTimestamp"):
+            return None
+        patch = kopf.Patch()
+        try:
+            finalizers = list(body.metadata.get("finalizers") or [])
+            if FINALIZER not in finalizers and not self.memo.get("finalizer"):
+                await asyncio.to_thread(
+                    kube().patch_custom,
+                    "loraaddons",
+                    name,
+                    namespace,
+                    {"metadata": {"finalizers": [*finalizers, FINALIZER]}},
+                )
+                self.memo["finalizer"] = True  # its event brings it back
+            due = await reconcile_addon(body, patch, self.memo)
+            if patch.status:
+                await asyncio.to_thread(
+                    kube().patch_custom_status, "loraaddons", name, namespace, {"status": dict(patch.status)}
+                )
+                self.memo.setdefault("written", {}).update(patch.status)  # see since_written
+        except ApiException as exc:
+            if exc.status == 404:
+                return None  # deleted meanwhile
+            LOG.warning(f"reconcile of addon {namespace}/{name} failed, retrying: {api_error_text(exc)}")
+            return UNREACHABLE_RETRY
+        placed = patch.status.get("deployment") or body.spec.get("deployment")
+        if placed:
+            _place((namespace, name), self, placed)  # a serverless addon's pool is known now
+        return due
+
+    async def finalize(self) -> None:
+        """Deleted: no look from now on, the one under way ends (cancelled after STOP_GRACE); then its adapters
+        leave its replicas, so no load lands after the unload, and the finalizer goes. An operator killed before
+        that does it again on its start (the addon is listed with its deletionTimestamp and the finalizer); an
+        unload that fails is left to the sweep the addon's DELETED event asks for."""
+        key = (self.namespace, self.name)
+        await self.looks.stop(STOP_GRACE)
+        if _followed.get(key) is self:
+            _place(key, self, None)
+            del _followed[key]
+        deployment_name = addon_deployment(self.body)
+        try:
+            if deployment_name:
+                await _unload_addon(self.namespace, deployment_name, self.name)
+                LOG.info(f"unloaded addon {self.namespace}/{self.name} from {deployment_name}")
+        except Exception as exc:  # a task of its own: nothing above it would report the error
+            LOG.warning(f"unload of deleted addon {self.namespace}/{self.name} failed (left to the sweep): {exc!r}")
+        finally:
+            await _release(self.namespace, self.name, list(self.body.metadata.get("finalizers") or []))
 
 
-# (namespace, name) -> the addon's loop; registered by its daemon and removed when the daemon ends.
+async def _release(namespace: str, name: str, finalizers: list[str]) -> None:
+    if FINALIZER not in finalizers:
+        return
+    try:
+        await asyncio.to_thread(
+            kube().patch_custom,
+            "loraaddons",
+            name,
+            namespace,
+            {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER]}},
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            LOG.warning(f"finalizer of deleted addon {namespace}/{name} not removed: {api_error_text(exc)}")
+
+
+# (namespace, name) -> the addon this operator follows; added on its first event, removed when it is deleted.
 _followed: dict[tuple[str, str], Followed] = {}
 # (namespace, deployment) -> the names of the followed addons served there (a pod event wakes only those).
 _by_deployment: dict[tuple[str, str], set[str]] = {}
@@ -437,65 +529,30 @@ def _place(key: tuple[str, str], followed: Followed, deployment_name: str | None
         _by_deployment.setdefault((key[0], deployment_name), set()).add(key[1])
 
 
-# Stopped (the addon deleted, the operator pausing for a peer), the loop ends after its current look; it is
-# cancelled only if that look takes longer than this.
+# Deleted (or the operator stopping), the look under way ends before the addon's adapters are unloaded; it is
+# cancelled only if it takes longer than this.
 STOP_GRACE = 20.0
 
 
-@kopf.daemon(  # type: ignore[arg-type]
-    GROUP, VERSION, "loraaddons", cancellation_backoff=STOP_GRACE, cancellation_timeout=10
-)
-async def loraaddon_follow(
-    body: kopf.Body,
-    name: str,
-    namespace: str,
-    stopped: kopf.DaemonStopped,
-    logger: kopf.Logger,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    """Adapters follow the addon, its Deployment's replicas and its ModelVersions as they change, and the
-    addon's own deadlines (idle, warm grace, retries, rollback samples), instead of a short timer."""
-    followed = _followed[(namespace, name)] = Followed(body)
+def _follow(key: tuple[str, str], body: kopf.Body) -> Followed:
+    followed = _followed[key] = Followed(body)
     status: dict[str, Any] = dict(body.status or {})
-    _place((namespace, name), followed, body.spec.get("deployment") or status.get("deployment"))
+    _place(key, followed, body.spec.get("deployment") or status.get("deployment"))
+    return followed
 
-    async def look(_: bool) -> float | None:
-        if body.metadata.get("deletionTimestamp"):
-            return None
-        patch = kopf.Patch()
-        try:
-            due = await reconcile_addon(body, patch, logger, memo)
-            if patch.status:
-                await asyncio.to_thread(
-                    kube().patch_custom_status, "loraaddons", name, namespace, {"status": dict(patch.status)}
-                )
-                memo.setdefault("written", {}).update(patch.status)  # see since_written
-        except ApiException as exc:
-            if exc.status == 404:
-                return None  # deleted meanwhile
-            logger.warning(f"reconcile of addon {name} failed, retrying: {api_error_text(exc)}")
-            return UNREACHABLE_RETRY
-        placed = patch.status.get("deployment") or body.spec.get("deployment")
-        if placed:
-            _place((namespace, name), followed, placed)  # a serverless addon's pool is known now
-        return due
 
-    try:
-        await follow(followed.wake, stopped, look, COALESCE_SECONDS)
-    finally:
-        if _followed.get((namespace, name)) is followed:
-            _place((namespace, name), followed, None)
-            del _followed[(namespace, name)]
-        if body.metadata.get("deletionTimestamp"):
-            # Deleted: its adapters leave its replicas here, after its last look, so no load lands after the
-            # unload (Kopf writes nothing more per addon than its finalizer: there is no deletion handler). Also
-            # when the look overran STOP_GRACE and was cancelled; an operator killed before this point leaves
-            # them to the sweep the addon's DELETED event asks for.
-            deployment_name = addon_deployment(body)
-            if deployment_name:
-                await _unload_addon(namespace, deployment_name, name)
-                logger.info(f"unloaded addon {name} from {deployment_name}")
+def _finalize(followed: Followed) -> None:
+    if followed.finalizing is None:
+        followed.finalizing = asyncio.create_task(followed.finalize())
+
+
+@kopf.on.cleanup()
+async def stop_looks(**_: Any) -> None:
+    """The operator stopping: looks under way end (nothing is unloaded: the addons still exist); deletions under
+    way finish."""
+    followed = list(_followed.values())
+    await asyncio.gather(*(f.looks.stop(STOP_GRACE) for f in followed))
+    await asyncio.gather(*(f.finalizing for f in followed if f.finalizing is not None), return_exceptions=True)
 
 
 # Adapter versions per Deployment, for the OverCapacity condition: (namespace, deployment) -> count, kept
@@ -535,9 +592,10 @@ async def loraaddon_event(
     body: kopf.Body,
     **kwargs: Any,
 ) -> None:
-    """A spec change (a new generation) or a re-arm annotation wakes the addon; its own status writes do not.
-    A Deployment the addon left (moved or deleted) is swept of anything of it still loaded."""
-    slim(event["object"])  # the loop's live body (Kopf keeps this dict)
+    """The addon's first event starts following it; a spec change (a new generation) or a re-arm annotation
+    wakes it, its own status writes do not; its deletion unloads it. A Deployment the addon left (moved or
+    deleted) is swept of anything of it still loaded."""
+    slim(event["object"])  # kept as the addon's body until its next event
     key = (namespace or "", name or "")
     deleted = event.get("type") == "DELETED"
     _count_versions(key, None if deleted else (body.spec.get("deployment") or "", len(body.spec.get("targets") or [])))
@@ -547,8 +605,16 @@ async def loraaddon_event(
     if left and left != _placed.get(key):
         _sweep_later(key[0], left, kwargs["addon_placements"])
     followed = _followed.get(key)
-    if followed is None:
+    if deleted or body.metadata.get("deletionTimestamp"):
+        if followed is None and not deleted and FINALIZER in (body.metadata.get("finalizers") or []):
+            followed = _follow(key, body)  # its deletion began while no operator was acting
+        if followed is not None:
+            followed.body = body
+            _finalize(followed)
         return
+    if followed is None:
+        followed = _follow(key, body)
+    followed.body = body
     seen = (
         body.metadata.get("generation"),
         (body.metadata.annotations or {}).get(REARM_ANNOTATION),
@@ -556,14 +622,14 @@ async def loraaddon_event(
     )
     if seen != followed.seen:
         followed.seen = seen
-        followed.wake.set()
+        followed.wake()
 
 
 def _wake_served_on(namespace: str, deployment_name: str) -> None:
     for name in _by_deployment.get((namespace, deployment_name), ()):
         followed = _followed.get((namespace, name))
         if followed is not None:
-            followed.wake.set()
+            followed.wake()
 
 
 def _replicas_changed(namespace: str, deployment_name: str) -> None:
@@ -581,10 +647,15 @@ def _gone_replicas(namespace: str, deployment_name: str) -> set[str]:
 def _version_changed(namespace: str, version: str) -> None:
     for (ns, _), followed in list(_followed.items()):
         if ns == namespace and any(t.get("modelVersion") == version for t in followed.body.spec.get("targets") or []):
-            followed.wake.set()
+            followed.wake()
 
 
+# (namespace, Deployment) -> its generation, for every Deployment CR seen (created and not yet deleted).
 _deployment_generations: dict[tuple[str, str], Any] = {}
+
+
+def _known(namespace: str, deployment_name: str) -> bool:
+    return (namespace, deployment_name) in _deployment_generations
 
 
 @kopf.on.event(GROUP, VERSION, "deployments")
@@ -620,13 +691,14 @@ def _wake_on_demand() -> None:
         if (signal.in_flight > 0 and status.get("state") != "READY") or (
             signal.last_request is not None and signal.last_request - recorded > LAST_REQUEST_STALE
         ):
-            followed.wake.set()
+            followed.wake()
 
 
 # lastRequestTime in status may lag the routers' by this much (it is written when the addon is looked at).
 LAST_REQUEST_STALE = 60.0
 SCRAPE_LISTENERS.append(_wake_on_demand)
 deployments.POD_LISTENERS.append(_replicas_changed)
+deployments.FOLLOW_LISTENERS.append(_wake_served_on)
 deployments.VERSION_LISTENERS.append(_version_changed)
 
 
@@ -690,7 +762,7 @@ async def _sweep(namespace: str, deployment_name: str, placements: kopf.Index[tu
                     for served_name in orphans:
                         owner = _followed.get((namespace, served_name.rsplit("-", 1)[0]))
                         if owner is not None:
-                            owner.wake.set()
+                            owner.wake()
     except Exception as exc:  # a task of its own: nothing above it would report the error
         LOG.warning(f"sweep of {namespace}/{deployment_name} failed (the next event sweeps again): {exc!r}")
     finally:

@@ -219,6 +219,8 @@ async def deployment_follow(
     """Status follows the children (pods becoming ready or unschedulable, stockouts clearing) as they change,
     instead of polling every object on a short timer."""
     watched = _watched[(namespace, name)] = Watched(body)
+    for listener in FOLLOW_LISTENERS:
+        listener(namespace, name)
 
     async def look(woken: bool) -> float | None:
         if body.metadata.get("deletionTimestamp"):
@@ -292,9 +294,11 @@ async def deployment_spec_changed(
         watched.wake.set()
 
 
-# Who else wants to hear of a replica's readiness change or a ModelVersion change (the addons).
+# Who else wants to hear of a replica's readiness change or a ModelVersion change (the addons), and of a
+# Deployment's loop starting (its addons wait for it).
 POD_LISTENERS: list[Callable[[str, str], None]] = []
 VERSION_LISTENERS: list[Callable[[str, str], None]] = []
+FOLLOW_LISTENERS: list[Callable[[str, str], None]] = []
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MODEL_SERVER)
