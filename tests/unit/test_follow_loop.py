@@ -6,6 +6,7 @@ deadline takes no real time."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 from kopf._cogs.aiokits.aioenums import AsyncFlagWaiter, FlagSetter
@@ -154,3 +155,24 @@ async def test_stop_cancels_a_look_that_overruns_its_grace() -> None:
     await looks.stop(grace=20)
     assert not looks.looking
     assert asyncio.get_running_loop().time() == pytest.approx(21, abs=0.01)
+
+
+MADE_IN = contextvars.ContextVar[str]("made_in")
+
+
+@pytest.mark.looptime
+async def test_looks_run_in_the_context_they_were_made_in_whoever_wakes_them() -> None:
+    seen: list[str] = []
+
+    async def look(_: bool) -> float | None:
+        seen.append(MADE_IN.get("none"))
+        return 300.0
+
+    async def handler() -> Looks:  # e.g. Kopf's event handler, whose context posting Events needs
+        MADE_IN.set("handler")
+        return Looks(look, COALESCE, RETRY)
+
+    looks = await asyncio.create_task(handler())
+    looks.wake()  # from here: another task's context (e.g. the routers' scraper)
+    await idle(400)
+    assert seen == ["handler", "handler"]

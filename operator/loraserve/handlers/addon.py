@@ -23,7 +23,7 @@ from loraserve.durations import parse_window
 from loraserve.handlers import deployment as deployments
 from loraserve.handlers.cache import slim
 from loraserve.handlers.deployment import kube, model_server_tokens, observed_pods, observed_version
-from loraserve.handlers.follow import Looks
+from loraserve.handlers.follow import Looks, resync_seconds
 from loraserve.handlers.load import (
     SCRAPE_LISTENERS,
     latest_addon_signals,
@@ -40,9 +40,8 @@ from loraserve.vllm.fetch_client import FetcherClient, FetchFailed
 
 LOG = logging.getLogger(__name__)
 # An addon is looked at when it, its Deployment, its replicas or its ModelVersions change, when a request is
-# held for it, or when one of its own deadlines comes (see addons.next_look); this slow resync only heals
-# what a lost event would leave behind.
-RESYNC_SECONDS = 300.0
+# held for it, or when one of its own deadlines comes (see addons.next_look), else at its slow resync
+# (follow.resync_seconds).
 COALESCE_SECONDS = 0.2
 # Adapters loaded on a replica, as last asked: shared by every addon on it, asked again after this long.
 LOADED_TTL = 2.0
@@ -292,7 +291,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, An
     def refuse(reason: str, message: str) -> float:
         failed = _verdict(base, "FAILED", reason, message, (False, False, True), generation, stamp)
         _set_status(patch, previous, failed, body)
-        return RESYNC_SECONDS  # a fix comes as an event (the spec, the Deployment, a ModelVersion)
+        return resync_seconds()  # a fix comes as an event (the spec, the Deployment, a ModelVersion)
 
     try:
         spec = LoraAddonSpec.model_validate(dict(body.spec))
@@ -393,7 +392,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, An
     )
     return addons.next_look(
         now,
-        resync=UNREACHABLE_RETRY if unreachable or (loaded < total and not failures) else RESYNC_SECONDS,
+        resync=UNREACHABLE_RETRY if unreachable or (loaded < total and not failures) else resync_seconds(),
         idle_at=None if activity.idle_at is None else datetime.fromtimestamp(activity.idle_at, UTC),
         warm_until=addons.warm_until(retired, WARM_GRACE),
         retry_at=[datetime.fromtimestamp(at, UTC) for at, _, _ in backoff.values()],

@@ -17,7 +17,7 @@ from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import LABEL_DEPLOYMENT, LABEL_NAME, child_name, selector_labels
 from loraserve.handlers.cache import ClusterCache, slim
-from loraserve.handlers.follow import follow
+from loraserve.handlers.follow import follow, resync_seconds
 from loraserve.handlers.metrics import record_replicas
 from loraserve.kube import Kube, api_error_text
 from loraserve.resources.model_server import (
@@ -39,9 +39,8 @@ from loraserve.status import (
 )
 from loraserve.tokens import ModelServerTokens
 
-# A Deployment is reconciled when it, its child apps/v1 Deployment, its pods or its ModelVersion change; this
-# slow resync only heals what a lost watch event would leave behind.
-RESYNC_SECONDS = 300.0
+# A Deployment is reconciled when it, its child apps/v1 Deployment, its pods or its ModelVersion change, else
+# at its slow resync (follow.resync_seconds).
 # Child events come in bursts (a pod: scheduled, started, ready): one reconcile serves the whole burst.
 COALESCE_SECONDS = 0.2
 RETRY_SECONDS = 5.0  # after a failed reconcile
@@ -236,7 +235,7 @@ async def deployment_follow(
             logger.warning(f"reconcile of {name} failed, retrying: {api_error_text(exc)}")
             watched.refresh = True
             return RETRY_SECONDS
-        return RESYNC_SECONDS
+        return resync_seconds()
 
     try:
         # child events may have come before this loop was registered: it looks at once

@@ -5,12 +5,22 @@ deadline comes, never on a short timer. A Deployment runs `follow` in its Kopf d
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 import kopf
 
 LOG = logging.getLogger(__name__)
+# The slow resync of an object nothing woke: it only heals what a lost watch event would leave behind.
+RESYNC_SECONDS = 600.0
+
+
+def resync_seconds() -> float:
+    """RESYNC_SECONDS spread by +-20 %: objects created together (a GitOps sync, an operator restart) resync
+    apart, not in one wave of API calls."""
+    return RESYNC_SECONDS * random.uniform(0.8, 1.2)
 
 
 async def follow(
@@ -72,6 +82,9 @@ class Looks:
         self._task: asyncio.Task[None] | None = None
         self._woken = False
         self._stopped = False
+        # Looks run in the context this was made in (a Kopf handler's: kopf.info/warn post Events through it),
+        # whoever wakes them (the routers' scraper, a timer).
+        self._context = contextvars.copy_context()
 
     def wake(self) -> None:
         if self._stopped:
@@ -87,7 +100,7 @@ class Looks:
             if self._timer.when() <= at:
                 return  # an earlier look is already due
             self._timer.cancel()
-        self._timer = loop.call_at(at, self._start)
+        self._timer = loop.call_at(at, self._start, context=self._context)
 
     def _start(self) -> None:
         self._timer = None
