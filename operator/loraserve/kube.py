@@ -127,6 +127,18 @@ class Kube:
         )
         return int(patched["metadata"].get("generation") or 0)
 
+    def set_finalizers(
+        self, plural: str, name: str, namespace: str, finalizers: list[str], resource_version: str
+    ) -> None:
+        """Only onto the version they were read from (409 Conflict else): another controller's finalizer, added
+        or removed meanwhile, is never undone."""
+        body = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
+        _drain(
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, body, _preload_content=False
+            )
+        )
+
     def patch_custom_status(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> None:
         # The answer (the whole object) is not decoded: the watch brings the write back.
         _drain(

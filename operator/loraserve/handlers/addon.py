@@ -447,15 +447,17 @@ class Followed:
         patch = kopf.Patch()
         try:
             finalizers = list(body.metadata.get("finalizers") or [])
-            if FINALIZER not in finalizers and not self.memo.get("finalizer"):
-                await asyncio.to_thread(
-                    kube().patch_custom,
-                    "loraaddons",
-                    name,
-                    namespace,
-                    {"metadata": {"finalizers": [*finalizers, FINALIZER]}},
-                )
-                self.memo["finalizer"] = True  # its event brings it back
+            if FINALIZER not in finalizers and self.memo.get("finalizer") != body.metadata.get("resourceVersion"):
+                version = str(body.metadata.get("resourceVersion"))
+                try:
+                    await asyncio.to_thread(
+                        kube().set_finalizers, "loraaddons", name, namespace, [*finalizers, FINALIZER], version
+                    )
+                    self.memo["finalizer"] = version  # added onto this version: its event brings it back
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise
+                    self.seen = ()  # changed meanwhile: its event wakes the next look, which adds it
             due = await reconcile_addon(body, patch, self.memo)
             if patch.status:
                 await asyncio.to_thread(
@@ -490,23 +492,34 @@ class Followed:
         except Exception as exc:  # a task of its own: nothing above it would report the error
             LOG.warning(f"unload of deleted addon {self.namespace}/{self.name} failed (left to the sweep): {exc!r}")
         finally:
-            await _release(self.namespace, self.name, list(self.body.metadata.get("finalizers") or []))
+            await _release(self.namespace, self.name, self.body)
 
 
-async def _release(namespace: str, name: str, finalizers: list[str]) -> None:
-    if FINALIZER not in finalizers:
-        return
-    try:
-        await asyncio.to_thread(
-            kube().patch_custom,
-            "loraaddons",
-            name,
-            namespace,
-            {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER]}},
-        )
-    except ApiException as exc:
-        if exc.status != 404:
-            LOG.warning(f"finalizer of deleted addon {namespace}/{name} not removed: {api_error_text(exc)}")
+async def _release(namespace: str, name: str, body: kopf.Body) -> None:
+    """The finalizer off, onto the latest version (a conflict: read again and retry)."""
+    obj: dict[str, Any] | None = dict(body)
+    for _ in range(5):
+        metadata = (obj or {}).get("metadata") or {}
+        finalizers = list(metadata.get("finalizers") or [])
+        if obj is None or FINALIZER not in finalizers:
+            return
+        try:
+            await asyncio.to_thread(
+                kube().set_finalizers,
+                "loraaddons",
+                name,
+                namespace,
+                [f for f in finalizers if f != FINALIZER],
+                str(metadata.get("resourceVersion")),
+            )
+            return
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            if exc.status != 409:
+                LOG.warning(f"finalizer of deleted addon {namespace}/{name} not removed: {api_error_text(exc)}")
+                return
+        obj = await asyncio.to_thread(kube().get_custom, "loraaddons", name, namespace)
 
 
 # (namespace, name) -> the addon this operator follows; added on its first event, removed when it is deleted.
