@@ -88,6 +88,21 @@ def owned_by(addon: str, served_name: str) -> bool:
     return re.fullmatch(re.escape(addon) + r"-v[1-9][0-9]*", served_name) is not None
 
 
+def out_of_step(name: str, status: Mapping[str, Any], loaded: list[frozenset[str] | None]) -> bool:
+    """Whether the replicas' loaded adapters (one set per ready replica; None: it did not answer) differ from
+    what the addon's status says: a served version missing on a replica, one of its versions loaded that it
+    neither serves nor keeps warm, or another number of replicas. A Deployment's slow resync asks each replica
+    once and wakes only the addons this is true of."""
+    served = set(status.get("servedNames") or [])
+    kept = served | set(status.get("retired") or {})
+    if status.get("totalReplicas") != len(loaded):
+        return True
+    return any(
+        names is None or not served <= names or any(owned_by(name, n) and n not in kept for n in names)
+        for names in loaded
+    )
+
+
 def orphaned(deployment_name: str, loaded: Iterable[str], placed_on: Callable[[str], str | None]) -> list[str]:
     """Adapters loaded on a replica of `deployment_name` whose addon is gone, or is served on another
     Deployment (`placed_on(addon)`: None when no such addon exists, "" while a serverless addon is not seated

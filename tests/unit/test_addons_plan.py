@@ -12,6 +12,7 @@ from loraserve.addons import (
     check,
     keep_warm,
     orphaned,
+    out_of_step,
     owned_by,
     plan,
     pool_base,
@@ -239,3 +240,17 @@ def test_capacity() -> None:
 
     assert capacity(4, 4) == (False, "WithinMaxLoras", "4 adapter versions for 4 GPU slots (maxLoras)")
     assert capacity(5, 4)[:2] == (True, "AdaptersExceedMaxLoras")
+
+
+def test_a_deployments_resync_wakes_only_the_addons_its_replicas_are_out_of_step_with() -> None:
+    status = {"servedNames": ["sql-v2"], "retired": {"sql-v1": "2026-01-01T00:10:00Z"}, "totalReplicas": 2}
+    both = frozenset({"sql-v1", "sql-v2", "chat-v1"})
+    assert not out_of_step("sql", status, [both, frozenset({"sql-v2"})])  # v1 kept warm, others' adapters
+    assert out_of_step("sql", status, [both, frozenset({"chat-v1"})])  # v2 lost on a replica (restarted)
+    assert out_of_step("sql", status, [both, None])  # a replica that did not answer
+    assert out_of_step("sql", status, [both])  # a replica left (or came)
+    assert out_of_step("sql", status, [both, frozenset({"sql-v2", "sql-v3"})])  # a version it does not serve
+    idle = {"servedNames": [], "totalReplicas": 1}
+    assert not out_of_step("sql", idle, [frozenset({"chat-v1", "sqlite-v1"})])  # unloaded while idle
+    assert out_of_step("sql", idle, [frozenset({"sql-v1"})])  # an unload that was lost
+    assert out_of_step("sql", {"state": "FAILED"}, [frozenset()])  # a refused addon looks again too

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -277,9 +278,9 @@ def _rollback(
     return decision
 
 
-async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, Any]) -> float:
+async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, Any]) -> float | None:
     """Observe, decide, execute; returns the seconds until the addon must be looked at again when nothing
-    wakes it sooner."""
+    wakes it sooner (None: only when woken)."""
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     generation = int(body.metadata.get("generation") or 0)
     previous = since_written(body, memo.get("written"))
@@ -390,14 +391,16 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, An
         if spec.auto_rollback is not None and len(spec.targets) > 1 and not (decision.status or {}).get("rolledBack")
         else None
     )
-    return addons.next_look(
+    due = addons.next_look(
         now,
-        resync=UNREACHABLE_RETRY if unreachable or (loaded < total and not failures) else resync_seconds(),
+        # no resync of its own: its Deployment's resync checks the replicas for all its addons (_check_replicas)
+        resync=UNREACHABLE_RETRY if unreachable or (loaded < total and not failures) else math.inf,
         idle_at=None if activity.idle_at is None else datetime.fromtimestamp(activity.idle_at, UTC),
         warm_until=addons.warm_until(retired, WARM_GRACE),
         retry_at=[datetime.fromtimestamp(at, UTC) for at, _, _ in backoff.values()],
         sample_every=sampling,
     )
+    return None if math.isinf(due) else due
 
 
 def _capacity(namespace: str, deployment_name: str, deployment: DeploymentSpec, gen: int, now: str) -> dict[str, Any]:
@@ -711,6 +714,38 @@ LAST_REQUEST_STALE = 60.0
 SCRAPE_LISTENERS.append(_wake_on_demand)
 deployments.POD_LISTENERS.append(_replicas_changed)
 deployments.FOLLOW_LISTENERS.append(_wake_served_on)
+
+
+_checks: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+
+def _check_later(namespace: str, deployment_name: str) -> None:
+    if (namespace, deployment_name) in _by_deployment and (namespace, deployment_name) not in _checks:
+        _checks[(namespace, deployment_name)] = asyncio.create_task(_check_replicas(namespace, deployment_name))
+
+
+async def _check_replicas(namespace: str, deployment_name: str) -> None:
+    """The addons' slow resync, at their Deployment's: each ready replica is asked once what it has loaded, and
+    only the addons it is out of step with look again (an addon has no resync of its own: at 10,000 addons
+    that was 15 looks a second on an idle operator)."""
+    try:
+        ready = ready_replicas(await observed_pods(namespace, deployment_name))
+        LOADED.forget({pod for pod, _ in ready})  # asked afresh
+        auth = model_server_tokens().authorization(namespace, deployment_name)
+        async with aiohttp.ClientSession(headers=auth) as session:
+            seen = await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready))
+        loaded = [None if replica is None else replica.loaded for replica in seen]
+        for name in list(_by_deployment.get((namespace, deployment_name), ())):
+            followed = _followed.get((namespace, name))
+            if followed is not None and addons.out_of_step(name, dict(followed.body.status or {}), loaded):
+                followed.wake()
+    except Exception as exc:  # a task of its own: nothing above it would report the error
+        LOG.warning(f"resync of the addons on {namespace}/{deployment_name} failed: {exc!r}")
+    finally:
+        _checks.pop((namespace, deployment_name), None)
+
+
+deployments.RESYNC_LISTENERS.append(_check_later)
 deployments.VERSION_LISTENERS.append(_version_changed)
 
 

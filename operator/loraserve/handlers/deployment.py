@@ -235,6 +235,9 @@ async def deployment_follow(
             logger.warning(f"reconcile of {name} failed, retrying: {api_error_text(exc)}")
             watched.refresh = True
             return RETRY_SECONDS
+        if not woken:
+            for listener in RESYNC_LISTENERS:
+                listener(namespace, name)
         return resync_seconds()
 
     try:
@@ -293,11 +296,13 @@ async def deployment_spec_changed(
         watched.wake.set()
 
 
-# Who else wants to hear of a replica's readiness change or a ModelVersion change (the addons), and of a
-# Deployment's loop starting (its addons wait for it).
+# Who else wants to hear of a replica's readiness change or a ModelVersion change (the addons), of a
+# Deployment's loop starting (its addons wait for it) ...
 POD_LISTENERS: list[Callable[[str, str], None]] = []
 VERSION_LISTENERS: list[Callable[[str, str], None]] = []
 FOLLOW_LISTENERS: list[Callable[[str, str], None]] = []
+# ... and of its slow resync (the addons' adapters are checked then, once per replica for all of them).
+RESYNC_LISTENERS: list[Callable[[str, str], None]] = []
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MODEL_SERVER)

@@ -63,9 +63,10 @@ class Looks:
     idle: a timer for the next deadline, a task only while looking. For objects counted in thousands (the
     addons), where a loop each (two tasks) was 7 KB per object.
 
-    A look is woken at once (`wake`) by whoever starts following the object. A look that raises is logged and
-    looked at again after `retry` seconds. `may_look` is asked when a look is due: False skips it (no deadline
-    kept); whoever makes it True again calls `wake`."""
+    A look is woken at once (`wake`) by whoever starts following the object. A look returning None has no
+    deadline: only a wake looks again. A look that raises is logged and looked at again after `retry` seconds.
+    `may_look` is asked when a look is due: False skips it (no deadline kept); whoever makes it True again
+    calls `wake`."""
 
     def __init__(
         self,
