@@ -56,6 +56,12 @@ def since_written(body: Mapping[str, Any], written: Mapping[str, Any] | None) ->
     return {**dict(body.get("status") or {}), **(written or {})}
 
 
+def caught_up(body: Mapping[str, Any], written: Mapping[str, Any] | None) -> bool:
+    """The body shows every field this operator last wrote: its copy of them (for since_written) can go."""
+    status = body.get("status") or {}
+    return written is not None and all(status.get(k) == v for k, v in written.items())
+
+
 def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
     """What to write: nothing when nothing changed, else the whole status, so that a stale `previous` (a timer
     and an event handler racing) can never leave a mix of old and new fields (UPDATING beside Ready=True)."""

@@ -3,9 +3,14 @@ claim a complete picture, and only readiness changes wake the addons."""
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
-from loraserve.handlers.cache import ClusterCache
+from loraserve.handlers.cache import LAST_APPLIED, ClusterCache, replica_view, slim
+from loraserve.handlers.load import ready_replicas
+from loraserve.resources.model_server import SPEC_HASH_ANNOTATION
+from loraserve.status import crash_looping, unschedulable
 
 KEY = ("ns", "chat")
 
@@ -82,19 +87,107 @@ def test_forget_frees_a_deleted_deployment() -> None:
     assert KEY not in cache.children
 
 
-def test_what_is_kept_has_no_managed_fields() -> None:
-    """At 1,000 Deployments the operator keeps thousands of objects: server-side apply's bookkeeping is dropped,
-    the rest (what status and the addons read) is kept."""
+def test_what_is_kept_is_what_the_decisions_read() -> None:
+    """At 1,000 Deployments the operator keeps thousands of pods and children: only the fields its decisions
+    read are kept (the pod spec, the child's template and server-side apply's bookkeeping are dropped), and
+    every decision made on what is kept is the one made on the whole object."""
+    container_spec = {"name": "vllm", "image": "vllm", "args": ["--port", "8000"] * 20, "env": [{"name": "A"}] * 20}
+    spec = {"containers": [container_spec], "volumes": [{"name": "models", "emptyDir": {}}]}
+    managed = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
+    pending = {
+        "metadata": {"name": "p", "resourceVersion": "3", "managedFields": managed, "labels": {"a": "b"}},
+        "spec": spec,
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+                    "lastProbeTime": None,
+                }
+            ],
+        },
+    }
+    crashing = {
+        "metadata": {"name": "c", "resourceVersion": "4"},
+        "spec": spec,
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.2",
+            "initContainerStatuses": [{"name": "fetch", "restartCount": 0, "state": {"terminated": {"exitCode": 0}}}],
+            "containerStatuses": [
+                {
+                    "name": "vllm",
+                    "restartCount": 4,
+                    "image": "vllm",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                    "lastState": {"terminated": {"exitCode": 1, "message": "CUDA out of memory"}},
+                }
+            ],
+        },
+    }
+    deleting = pod("d", 5) | {"spec": spec}
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    whole = [pending, crashing, pod("r", 6) | {"spec": spec}, deleting]
     cache = ClusterCache()
-    watched, listed = pod("a", 5), pod("b", 3)
-    for obj in (watched, listed):
-        obj["metadata"]["managedFields"] = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
-    cache.pod_event(KEY, "ADDED", watched)
-    cache.fill_pods(KEY, [listed], 4)
-    child = {"metadata": {"name": "chat", "resourceVersion": "3", "managedFields": [{}]}, "spec": {"replicas": 2}}
-    cache.child_event(KEY, "ADDED", child)
-    kept = cache.pod_list(KEY) or []
-    assert {p["metadata"]["name"] for p in kept} == {"a", "b"}
-    assert all("managedFields" not in p["metadata"] for p in kept)
-    assert all(p["status"]["podIP"] == "10.0.0.1" for p in kept)
-    assert cache.children[KEY] == {"metadata": {"name": "chat", "resourceVersion": "3"}, "spec": {"replicas": 2}}
+    cache.fill_pods(KEY, [copy.deepcopy(p) for p in whole[:2]], 4)
+    for one in whole[2:]:
+        cache.pod_event(KEY, "ADDED", copy.deepcopy(one))
+    kept = sorted(cache.pod_list(KEY) or [], key=lambda p: p["metadata"]["name"])
+    whole.sort(key=lambda p: p["metadata"]["name"])
+    assert all("spec" not in p and "managedFields" not in p["metadata"] for p in kept)
+    assert unschedulable(kept) == unschedulable(whole) == ("GPUStockout", pending["status"]["conditions"][0]["message"])
+    assert crash_looping(kept) == crash_looping(whole) is not None
+    assert "CUDA out of memory" in (crash_looping(kept) or "")
+    assert ready_replicas(kept) == ready_replicas(whole) == [("r", "10.0.0.1")]
+    assert [replica_view(p) for p in kept] == [replica_view(p) for p in whole]
+
+    child = {
+        "metadata": {
+            "name": "chat",
+            "resourceVersion": "3",
+            "generation": 2,
+            "managedFields": managed,
+            "annotations": {SPEC_HASH_ANNOTATION: "abc", "deployment.kubernetes.io/revision": "2"},
+        },
+        "spec": {"replicas": 2, "template": {"spec": spec}},
+        "status": {"observedGeneration": 2, "replicas": 2, "readyReplicas": 1, "updatedReplicas": 2},
+    }
+    cache.child_event(KEY, "ADDED", copy.deepcopy(child))
+    assert cache.children[KEY] == {
+        "metadata": {
+            "name": "chat",
+            "resourceVersion": "3",
+            "generation": 2,
+            "annotations": {SPEC_HASH_ANNOTATION: "abc"},
+        },
+        "spec": {"replicas": 2},
+        "status": child["status"],
+    }
+
+
+def test_kept_bodies_share_their_strings_and_drop_kubectls_copy() -> None:
+    """Each watch event is its own JSON document, with its own copy of every key and condition reason: what the
+    operator keeps of thousands of addons shares them, and drops kubectl's last-applied copy of the object."""
+    text = json.dumps(
+        {
+            "metadata": {
+                "name": "chat",
+                "annotations": {LAST_APPLIED: "{...}", "team": "search"},
+                "managedFields": [{"manager": "kubectl"}],
+            },
+            "status": {"conditions": [{"type": "Ready", "status": "True", "message": "x" * 100}]},
+        }
+    )
+    first, second = json.loads(text), json.loads(text)
+    slim(first)
+    slim(second)
+    assert first == second
+    assert first["metadata"] == {"name": "chat", "annotations": {"team": "search"}}
+    (one,), (other,) = first["status"]["conditions"], second["status"]["conditions"]
+    assert all(a is b for a, b in zip(one, other, strict=True))  # the keys
+    assert one["status"] is other["status"]
+    assert one["type"] is other["type"]
+    assert one["message"] == other["message"]  # long strings are left as they are

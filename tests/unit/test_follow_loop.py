@@ -27,39 +27,30 @@ class Recorder:
 
 
 @pytest.mark.looptime
-async def test_looks_at_once_then_at_each_returned_deadline() -> None:
-    recorder = Recorder([30.0, 600.0, None])  # e.g. a retry in 30 s, then a warm grace ending in 10 min
-    setter: FlagSetter[object] = FlagSetter()
-    await follow(asyncio.Event(), AsyncFlagWaiter(setter), recorder.look, COALESCE)
-    assert recorder.looks == [(0.2, True), (30.4, False), (630.6, False)]
+async def test_a_daemon_looks_at_once_and_its_stop_ends_the_look_under_way_without_another() -> None:
+    """A Deployment's Kopf daemon: looks at once (events may have come before it started), then at the
+    deadlines; Kopf stopping it (the object deleted, a peer takes over) lets the look under way end and leaves
+    no look behind."""
+    ended: list[float] = []
 
+    async def slow_look(woken: bool) -> float | None:
+        await recorder.look(woken)
+        await asyncio.sleep(3)  # a reconcile under way when Kopf stops the daemon
+        ended.append(round(asyncio.get_running_loop().time(), 3))
+        return 100.0
 
-@pytest.mark.looptime
-async def test_a_wake_comes_before_the_deadline_and_a_burst_is_one_look() -> None:
-    recorder = Recorder([300.0, 300.0, None])
-    wake = asyncio.Event()
-    setter: FlagSetter[object] = FlagSetter()
-    loop = asyncio.create_task(follow(wake, AsyncFlagWaiter(setter), recorder.look, COALESCE))
-    await asyncio.sleep(10)
-    for _ in range(5):  # a pod: scheduled, started, ready, ... within 0.1 s
-        wake.set()
-        await asyncio.sleep(0.02)
-    await asyncio.wait_for(loop, timeout=1000)
-    assert recorder.looks == [(0.2, True), (10.2, True), (310.4, False)]
-
-
-@pytest.mark.looptime
-async def test_stopping_ends_the_loop_without_another_look() -> None:
     recorder = Recorder([])
-    wake = asyncio.Event()
+    looks = Looks(slow_look, COALESCE, 5.0)
     setter: FlagSetter[object] = FlagSetter()
-    loop = asyncio.create_task(follow(wake, AsyncFlagWaiter(setter), recorder.look, COALESCE))
-    await asyncio.sleep(100)
+    daemon = asyncio.create_task(follow(AsyncFlagWaiter(setter), looks, grace=8.0))
+    await asyncio.sleep(104)  # looks at 0.2 and 103.2 (its deadline), which is under way
     setter.set()
-    wake.set()
-    await asyncio.wait_for(loop, timeout=1)
-    assert recorder.looks == [(0.2, True)]
-    assert asyncio.get_running_loop().time() == pytest.approx(100, abs=0.01)
+    await asyncio.wait_for(daemon, timeout=10)
+    assert asyncio.get_running_loop().time() == pytest.approx(106.2, abs=0.01)  # the look ended first
+    assert recorder.looks == [(0.2, True), (103.2, False)]
+    assert ended == [3.2, 106.2]
+    await asyncio.sleep(1000)
+    assert len(recorder.looks) == 2
 
 
 # -- Looks: the same rules without a task while idle (the addons) ----------------------------------------------

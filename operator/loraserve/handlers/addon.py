@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -35,7 +36,7 @@ from loraserve.handlers.load import (
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
 from loraserve.kube import api_error_text
 from loraserve.settings import operator_settings
-from loraserve.status import condition, kstatus_conditions, merge_conditions, since_written, status_patch
+from loraserve.status import caught_up, condition, kstatus_conditions, merge_conditions, since_written, status_patch
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
 from loraserve.vllm.fetch_client import FetcherClient, FetchFailed
 
@@ -415,19 +416,40 @@ def _capacity(namespace: str, deployment_name: str, deployment: DeploymentSpec, 
 FINALIZER = "serving.loraserve.dev/unload-adapters"
 
 
+_HANDLER_CONTEXT: list[contextvars.Context] = []
+
+
+def _handler_context() -> contextvars.Context:
+    """The context of the first addon handler: Kopf's Event queue is set in it (what the looks need of it)."""
+    if not _HANDLER_CONTEXT:
+        _HANDLER_CONTEXT.append(contextvars.copy_context())
+    return _HANDLER_CONTEXT[0]
+
+
 class Followed:
     """A LoraAddon the operator follows: its latest body (from its watch events), its state between looks
     (written status, backoff, rollback window), and its looks. No task of its own while idle."""
 
-    def __init__(self, body: kopf.Body) -> None:
-        self.body = body
-        self.namespace = str(body.metadata.namespace)
-        self.name = str(body.metadata.name)
+    def __init__(self, key: tuple[str, str], raw: kopf.RawBody) -> None:
+        # The raw object, not Kopf's Body: its views (meta, spec, status, labels, annotations) are 2 KB per addon.
+        self.raw = raw
+        self.namespace, self.name = key
         self.memo: dict[str, Any] = {}
         self.seen: tuple[Any, ...] = ()
         self.served_on: str | None = None
         self.finalizing: asyncio.Task[None] | None = None
-        self.looks = Looks(self.look, COALESCE_SECONDS, UNREACHABLE_RETRY, self.may_look)
+        self.looks = Looks(self.look, COALESCE_SECONDS, UNREACHABLE_RETRY, self.may_look, _handler_context())
+
+    @property
+    def body(self) -> kopf.Body:
+        return kopf.Body(self.raw)
+
+    def update(self, event: kopf.RawEvent) -> None:
+        """The addon's latest event: its object is the body from now on; once it shows the status this operator
+        last wrote, that copy is dropped (see since_written)."""
+        self.raw = event["object"]
+        if caught_up(self.raw, self.memo.get("written")):
+            del self.memo["written"]
 
     def wake(self) -> None:
         self.looks.wake()
@@ -549,10 +571,9 @@ def _place(key: tuple[str, str], followed: Followed, deployment_name: str | None
 STOP_GRACE = 20.0
 
 
-def _follow(key: tuple[str, str], body: kopf.Body) -> Followed:
-    followed = _followed[key] = Followed(body)
-    status: dict[str, Any] = dict(body.status or {})
-    _place(key, followed, body.spec.get("deployment") or status.get("deployment"))
+def _follow(key: tuple[str, str], raw: kopf.RawBody) -> Followed:
+    followed = _followed[key] = Followed(key, raw)
+    _place(key, followed, (raw.get("spec") or {}).get("deployment") or (raw.get("status") or {}).get("deployment"))
     return followed
 
 
@@ -568,6 +589,7 @@ async def stop_looks(**_: Any) -> None:
     followed = list(_followed.values())
     await asyncio.gather(*(f.looks.stop(STOP_GRACE) for f in followed))
     await asyncio.gather(*(f.finalizing for f in followed if f.finalizing is not None), return_exceptions=True)
+    _HANDLER_CONTEXT.clear()  # holds this run's Event queue
 
 
 # Adapter versions per Deployment, for the OverCapacity condition: (namespace, deployment) -> count, kept
@@ -622,14 +644,14 @@ async def loraaddon_event(
     followed = _followed.get(key)
     if deleted or body.metadata.get("deletionTimestamp"):
         if followed is None and not deleted and FINALIZER in (body.metadata.get("finalizers") or []):
-            followed = _follow(key, body)  # its deletion began while no operator was acting
+            followed = _follow(key, event["object"])  # its deletion began while no operator was acting
         if followed is not None:
-            followed.body = body
+            followed.update(event)
             _finalize(followed)
         return
     if followed is None:
-        followed = _follow(key, body)
-    followed.body = body
+        followed = _follow(key, event["object"])
+    followed.update(event)
     seen = (
         body.metadata.get("generation"),
         (body.metadata.annotations or {}).get(REARM_ANNOTATION),
@@ -661,7 +683,9 @@ def _gone_replicas(namespace: str, deployment_name: str) -> set[str]:
 
 def _version_changed(namespace: str, version: str) -> None:
     for (ns, _), followed in list(_followed.items()):
-        if ns == namespace and any(t.get("modelVersion") == version for t in followed.body.spec.get("targets") or []):
+        if ns == namespace and any(
+            t.get("modelVersion") == version for t in (followed.raw.get("spec") or {}).get("targets") or []
+        ):
             followed.wake()
 
 
@@ -701,7 +725,7 @@ def _wake_on_demand() -> None:
         followed = _followed.get((ns, addon))
         if followed is None:
             continue
-        status: dict[str, Any] = dict(followed.body.status or {})
+        status: dict[str, Any] = dict(followed.raw.get("status") or {})
         recorded = _epoch(status.get("lastRequestTime")) or 0.0
         if (signal.in_flight > 0 and status.get("state") != "READY") or (
             signal.last_request is not None and signal.last_request - recorded > LAST_REQUEST_STALE
@@ -737,7 +761,7 @@ async def _check_replicas(namespace: str, deployment_name: str) -> None:
         loaded = [None if replica is None else replica.loaded for replica in seen]
         for name in list(_by_deployment.get((namespace, deployment_name), ())):
             followed = _followed.get((namespace, name))
-            if followed is not None and addons.out_of_step(name, dict(followed.body.status or {}), loaded):
+            if followed is not None and addons.out_of_step(name, dict(followed.raw.get("status") or {}), loaded):
                 followed.wake()
     except Exception as exc:  # a task of its own: nothing above it would report the error
         LOG.warning(f"resync of the addons on {namespace}/{deployment_name} failed: {exc!r}")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +26,7 @@ from loraserve.autoscale.policy import GpuMeter, ScalingPolicy, ScalingSettings,
 from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import POD_LISTENERS, kube, observed_pods
-from loraserve.handlers.follow import follow
+from loraserve.handlers.follow import Looks, follow
 from loraserve.handlers.load import (
     SCRAPE_LISTENERS,
     latest_signals,
@@ -47,6 +48,8 @@ SCALE_DECISIONS = Counter("loraserve_scale_decisions_total", "Replica changes", 
 # An idle Deployment's autoscaler looks at least this often (it is woken by events; this is a safety net).
 RESYNC_SECONDS = 300.0
 COALESCE_SECONDS = 0.2
+RETRY_SECONDS = 5.0  # after a look that failed
+STOP_GRACE = 8.0  # the daemon stopping: the look under way ends, or is cancelled (before Kopf's 10 s)
 
 
 async def _replica_load(session: aiohttp.ClientSession, ips: list[str]) -> float | None:
@@ -85,8 +88,8 @@ def _scale(namespace: str, name: str, replicas: int) -> None:
 class Scaled:
     """One Deployment's autoscaler as its traffic and its events see it."""
 
-    def __init__(self) -> None:
-        self.wake = asyncio.Event()
+    def __init__(self, look: Callable[[bool], Awaitable[float | None]]) -> None:
+        self.looks = Looks(look, COALESCE_SECONDS, RETRY_SECONDS)
         self.requests_total: float | None = None  # the routers' counter at the last look
         self.seen: Any = None  # (generation, keep annotation) at the last event
 
@@ -103,14 +106,14 @@ def _wake_on_traffic() -> None:
         if scaled is not None and (
             signal.in_flight > 0 or signal.held > 0 or signal.requests_total != scaled.requests_total
         ):
-            scaled.wake.set()
+            scaled.looks.wake()
 
 
 def _wake_on_replicas(namespace: str, name: str) -> None:
     """A replica became ready, left or restarted: the GPU meter and the schedulable count move."""
     scaled = _scaled.get((namespace, name))
     if scaled is not None:
-        scaled.wake.set()
+        scaled.looks.wake()
 
 
 SCRAPE_LISTENERS.append(_wake_on_traffic)
@@ -129,7 +132,7 @@ async def deployment_respecified(
     seen = (body.metadata.get("generation"), (body.metadata.annotations or {}).get(KEEP_ANNOTATION))
     if seen != scaled.seen:
         scaled.seen = seen
-        scaled.wake.set()
+        scaled.looks.wake()
 
 
 _scraping: asyncio.Task[None] | None = None
@@ -168,7 +171,6 @@ async def deployment_autoscaler(
     last_applied: int = int(status.get("desiredReplicas") or 0)
     last_written = 0.0
     written: dict[str, Any] = {}
-    scaled = _scaled[(namespace, name)] = Scaled()
 
     async def look(_: bool) -> float | None:
         nonlocal last_applied, last_written
@@ -246,9 +248,10 @@ async def deployment_autoscaler(
         meter_due = last_written + settings.gpu_meter_every if ips else None
         return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), RESYNC_SECONDS)
 
+    scaled = _scaled[(namespace, name)] = Scaled(look)
     try:
         async with aiohttp.ClientSession() as session:
-            await follow(scaled.wake, stopped, look, COALESCE_SECONDS)
+            await follow(stopped, scaled.looks, STOP_GRACE)
     finally:
         if _scaled.get((namespace, name)) is scaled:
             del _scaled[(namespace, name)]

@@ -8,11 +8,62 @@ carry their resourceVersion and the newer one wins."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraserve.resources.model_server import SPEC_HASH_ANNOTATION
+
 Key = tuple[str, str]  # (namespace, name)
+
+# What the operator reads of a pod and of a child apps/v1 Deployment (status, readiness, the Stalled reasons, the
+# spec hash): the rest, the pod spec and the child's template, is most of each object's memory and is dropped as
+# the object enters the cache. A nested dict keeps those keys of a dict (or of each dict in a list); True keeps
+# the value whole.
+Fields = Mapping[str, "Fields | bool"]
+_CONTAINER: Fields = {
+    "name": True,
+    "restartCount": True,
+    "state": {"waiting": True},
+    "lastState": {"terminated": {"message": True}},
+}
+POD_FIELDS: Fields = {
+    "metadata": {"name": True, "namespace": True, "resourceVersion": True, "deletionTimestamp": True},
+    "status": {
+        "phase": True,
+        "podIP": True,
+        "conditions": {"type": True, "status": True, "reason": True, "message": True},
+        "initContainerStatuses": _CONTAINER,
+        "containerStatuses": _CONTAINER,
+    },
+}
+CHILD_FIELDS: Fields = {
+    "metadata": {
+        "name": True,
+        "namespace": True,
+        "resourceVersion": True,
+        "generation": True,
+        "annotations": {SPEC_HASH_ANNOTATION: True},
+    },
+    "spec": {"replicas": True},
+    "status": {"observedGeneration": True, "replicas": True, "readyReplicas": True, "updatedReplicas": True},
+}
+
+
+def project(value: Any, fields: Fields) -> Any:
+    """`value` with only `fields` kept (see POD_FIELDS)."""
+    if isinstance(value, list):
+        return [project(item, fields) for item in value]
+    if isinstance(value, str) and len(value) <= SHARED_STRING_MAX:
+        return sys.intern(value)
+    if not isinstance(value, Mapping):
+        return value
+    return {
+        key: value[key] if keep is True else project(value[key], keep)  # type: ignore[arg-type]
+        for key, keep in fields.items()
+        if key in value and value[key] is not None
+    }
 
 
 def _rv(obj: dict[str, Any]) -> int:
@@ -24,13 +75,37 @@ def _rv(obj: dict[str, Any]) -> int:
         return 0
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+# Strings up to this long are shared between objects (condition types and reasons, keys, names, "True"): each
+# JSON document parsed brings its own copy of every key, thousands of bytes per object.
+SHARED_STRING_MAX = 64
+
+
+def _shared(value: Any) -> Any:
+    """`value` with its dict keys and short strings replaced by the interpreter's shared copies, in place."""
+    if isinstance(value, dict):
+        items = [(sys.intern(k) if isinstance(k, str) else k, _shared(v)) for k, v in value.items()]
+        value.clear()
+        value.update(items)
+    elif isinstance(value, list):
+        value[:] = [_shared(v) for v in value]
+    elif isinstance(value, str) and len(value) <= SHARED_STRING_MAX:
+        return sys.intern(value)
+    return value
+
+
 def slim(obj: Mapping[str, Any] | None) -> None:
     """`obj` as the operator keeps it in memory: without metadata.managedFields (server-side apply's record of
-    who wrote what, never read here), which is about half of a small object's memory and more of a pod's.
-    In place: the watch event's own dict is also what Kopf keeps as a followed object's live body."""
+    who wrote what, never read here; about half of a small object's memory) and kubectl's last-applied copy of
+    the object, with strings shared between objects. In place: the watch event's own dict is also what Kopf
+    keeps as a followed object's live body."""
     metadata = None if obj is None else obj.get("metadata")
     if isinstance(metadata, dict):
         metadata.pop("managedFields", None)
+        annotations = metadata.get("annotations")
+        if isinstance(annotations, dict):
+            annotations.pop(LAST_APPLIED, None)
+    _shared(obj)
 
 
 def replica_view(pod: dict[str, Any]) -> tuple[bool, str | None, int]:
@@ -61,7 +136,7 @@ class ClusterCache:
     def pod_event(self, key: Key, event_type: str | None, pod: dict[str, Any]) -> bool:
         """Record a pod event; True when the pod's readiness, IP or restarts changed (addons must look)."""
         entry = self.pods.setdefault(key, PodSet())
-        slim(pod)
+        pod = project(pod, POD_FIELDS)
         name = pod["metadata"]["name"]
         before = entry.pods.get(name)
         if before is not None and _rv(before) > _rv(pod):
@@ -74,7 +149,7 @@ class ClusterCache:
         return before is None or replica_view(before) != replica_view(pod)
 
     def child_event(self, key: Key, event_type: str | None, child: dict[str, Any]) -> None:
-        slim(child)
+        child = project(child, CHILD_FIELDS)
         before = self.children.get(key)
         if before is not None and _rv(before) > _rv(child):
             return
@@ -94,8 +169,7 @@ class ClusterCache:
     def fill_pods(self, key: Key, listed: list[dict[str, Any]], list_rv: int) -> None:
         """A LIST's answer, merged with what events brought meanwhile (the newer of the two wins)."""
         entry = self.pods.get(key) or PodSet()
-        for pod in listed:
-            slim(pod)
+        listed = [project(pod, POD_FIELDS) for pod in listed]
         fresh = {p["metadata"]["name"]: p for p in listed if entry.gone.get(p["metadata"]["name"], -1) <= list_rv}
         for name, pod in entry.pods.items():
             if _rv(pod) > list_rv or (name in fresh and _rv(pod) > _rv(fresh[name])):
@@ -103,7 +177,7 @@ class ClusterCache:
         self.pods[key] = PodSet(fresh, {n: rv for n, rv in entry.gone.items() if rv > list_rv}, listed=True)
 
     def fill_child(self, key: Key, child: dict[str, Any] | None) -> None:
-        slim(child)
+        child = None if child is None else project(child, CHILD_FIELDS)
         before = self.children.get(key)
         if child is None or before is None or _rv(child) >= _rv(before):
             self.children[key] = child

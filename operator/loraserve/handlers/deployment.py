@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ from loraserve.api.deployment import DeploymentSpec
 from loraserve.api.modelversion import ModelVersionSpec
 from loraserve.api.naming import LABEL_DEPLOYMENT, LABEL_NAME, child_name, selector_labels
 from loraserve.handlers.cache import ClusterCache, slim
-from loraserve.handlers.follow import follow, resync_seconds
+from loraserve.handlers.follow import Looks, follow, resync_seconds
 from loraserve.handlers.metrics import record_replicas
 from loraserve.kube import Kube, api_error_text
 from loraserve.resources.model_server import (
@@ -31,6 +31,7 @@ from loraserve.settings import operator_settings
 from loraserve.status import (
     Observed,
     Status,
+    caught_up,
     compute_status,
     kstatus_conditions,
     merge_conditions,
@@ -44,6 +45,7 @@ from loraserve.tokens import ModelServerTokens
 # Child events come in bursts (a pod: scheduled, started, ready): one reconcile serves the whole burst.
 COALESCE_SECONDS = 0.2
 RETRY_SECONDS = 5.0  # after a failed reconcile
+STOP_GRACE = 8.0  # the daemon stopping: the reconcile under way ends, or is cancelled (before Kopf's 10 s)
 MODEL_SERVER = {LABEL_NAME: "loraserve-model-server"}
 _kube: Kube | None = None
 CACHE = ClusterCache()
@@ -182,7 +184,8 @@ def _report_transition(body: kopf.Body, previous: dict[str, Any], status: dict[s
 
 
 def _written(memo: kopf.Memo) -> Status:
-    """The status fields this operator last wrote for the object (its Kopf memo: freed with the object)."""
+    """The status fields this operator last wrote for the object, until its watch event shows them (its Kopf
+    memo: freed with the object)."""
     written: Status = memo.setdefault("written", {})
     return written
 
@@ -190,9 +193,9 @@ def _written(memo: kopf.Memo) -> Status:
 class Watched:
     """A Deployment CR the operator follows: its live body and what wakes its reconcile loop."""
 
-    def __init__(self, body: kopf.Body) -> None:
+    def __init__(self, body: kopf.Body, look: Callable[[bool], Awaitable[float | None]]) -> None:
         self.body = body
-        self.wake = asyncio.Event()
+        self.looks = Looks(look, COALESCE_SECONDS, RETRY_SECONDS)
         self.refresh = True  # the next reconcile reads the cluster afresh
         self.generation = body.metadata.get("generation")
         # The generation this operator's own spec write (spec.replicas) made: its event needs a reconcile (for
@@ -217,9 +220,6 @@ async def deployment_follow(
 ) -> None:
     """Status follows the children (pods becoming ready or unschedulable, stockouts clearing) as they change,
     instead of polling every object on a short timer."""
-    watched = _watched[(namespace, name)] = Watched(body)
-    for listener in FOLLOW_LISTENERS:
-        listener(namespace, name)
 
     async def look(woken: bool) -> float | None:
         if body.metadata.get("deletionTimestamp"):
@@ -228,21 +228,26 @@ async def deployment_follow(
             watched.refresh = True  # the slow resync reads the cluster afresh
         refresh, watched.refresh = watched.refresh, False
         try:
-            await _reconcile_and_write(body, name, namespace, logger, refresh, _written(memo))
-        except kubernetes.client.ApiException as exc:
+            await _reconcile_and_write(body, name, namespace, logger, refresh, memo)
+        except Exception as exc:
+            watched.refresh = True  # the retry reads the cluster afresh
+            if not isinstance(exc, kubernetes.client.ApiException):
+                raise  # logged by Looks, retried after RETRY_SECONDS
             if exc.status == 404:
                 return None  # deleted meanwhile
             logger.warning(f"reconcile of {name} failed, retrying: {api_error_text(exc)}")
-            watched.refresh = True
             return RETRY_SECONDS
         if not woken:
             for listener in RESYNC_LISTENERS:
                 listener(namespace, name)
         return resync_seconds()
 
+    watched = _watched[(namespace, name)] = Watched(body, look)
+    for listener in FOLLOW_LISTENERS:
+        listener(namespace, name)
     try:
         # child events may have come before this loop was registered: it looks at once
-        await follow(watched.wake, stopped, look, COALESCE_SECONDS)
+        await follow(stopped, watched.looks, STOP_GRACE)
     finally:
         if _watched.get((namespace, name)) is watched:
             del _watched[(namespace, name)]
@@ -250,10 +255,10 @@ async def deployment_follow(
 
 
 async def _reconcile_and_write(
-    body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool, written: Status
+    body: kopf.Body, name: str, namespace: str, logger: kopf.Logger, refresh: bool, memo: kopf.Memo
 ) -> None:
     patch = kopf.Patch()
-    await reconcile(body, patch, logger, refresh, written)
+    await reconcile(body, patch, logger, refresh, memo.get("written"))
     watched = _watched.get((namespace, name))
     # Once: until the watch brings the write back (the body reaches the generation it made), every look would
     # write spec.replicas again, each a new generation.
@@ -268,24 +273,26 @@ async def _reconcile_and_write(
         await asyncio.to_thread(
             kube().patch_custom_status, "deployments", name, namespace, {"status": dict(patch.status)}
         )
-        written.update(patch.status)
+        _written(memo).update(patch.status)  # read again: the event showing the last write dropped it
 
 
 def wake(namespace: str | None, name: str | None) -> None:
     watched = _watched.get((namespace or "", name or ""))
     if watched is not None:
-        watched.wake.set()
+        watched.looks.wake()
 
 
 @kopf.on.event(GROUP, VERSION, "deployments")
 async def deployment_spec_changed(
-    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, **_: Any
+    event: kopf.RawEvent, name: str | None, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
     """A new generation (the spec changed: a user, `kubectl scale`, the autoscaler, the router waking it from
     zero): its loop reconciles, reading the cluster afresh. The loop's first look is the create's (or, after a
     restart, the resume's) reconcile: with no create or update handler, Kopf writes no last-handled-configuration
     per Deployment, and a create is reconciled once, not twice."""
     slim(event["object"])  # the loops' live body (Kopf keeps this dict)
+    if caught_up(event["object"], memo.get("written")):
+        del memo["written"]
     watched = _watched.get((namespace or "", name or ""))
     if watched is None or event.get("type") == "DELETED":
         return
@@ -293,7 +300,7 @@ async def deployment_spec_changed(
     if generation != watched.generation:
         watched.generation = generation
         watched.refresh = watched.refresh or generation != watched.own_generation
-        watched.wake.set()
+        watched.looks.wake()
 
 
 # Who else wants to hear of a replica's readiness change or a ModelVersion change (the addons), of a
@@ -333,7 +340,7 @@ async def model_version_changed(event: kopf.RawEvent, name: str | None, namespac
         return
     for (ns, _dep), watched in list(_watched.items()):
         if ns == namespace and watched.body.spec.get("modelVersion") == name:
-            watched.wake.set()
+            watched.looks.wake()
     for listener in VERSION_LISTENERS:
         listener(namespace, name)
 

@@ -1,6 +1,6 @@
 """How a followed object is looked at: when woken (an event about it or what it depends on) or when its own next
-deadline comes, never on a short timer. A Deployment runs `follow` in its Kopf daemon; an addon is driven by
-`Looks` (a timer, no task while idle)."""
+deadline comes, never on a short timer: `Looks` (a timer while idle, a task only while looking). A Deployment's
+looks live as long as its Kopf daemons (`follow`); an addon's from its first watch event to its deletion."""
 
 from __future__ import annotations
 
@@ -23,50 +23,31 @@ def resync_seconds() -> float:
     return RESYNC_SECONDS * random.uniform(0.8, 1.2)
 
 
-async def follow(
-    wake: asyncio.Event,
-    stopped: kopf.DaemonStopped,
-    look: Callable[[bool], Awaitable[float | None]],
-    coalesce: float,
-) -> None:
-    """Call `look(woken)` at once, then whenever `wake` is set or the seconds the last look returned have
-    passed (`woken` says which), until `stopped` or a look returns None. A burst of wakes within `coalesce`
-    seconds (a pod: scheduled, started, ready) is served by one look."""
-    due = 0.0
-    wake.set()
-    # One waiter on `stopped` for the loop's whole life: each `stopped.wait()` makes a Kopf promise and a task,
-    # which per wake of 10,000 followed objects was a quarter of the operator's CPU.
-    stopping = asyncio.ensure_future(stopped.wait())
+async def follow(stopped: kopf.DaemonStopped, looks: Looks, grace: float) -> None:
+    """A Kopf daemon's life, driven by `looks`: a look at once, then as `Looks` rules, until Kopf stops the
+    daemon (the object is deleted, the operator stops or pauses for a peer); then the look under way ends,
+    cancelled after `grace`. While idle the daemon's task only waits for that stop: one waiter for the loop's
+    whole life (each `stopped.wait()` makes a Kopf promise and a task)."""
+    looks.wake()
     try:
-        while not stopping.done():
-            woken = asyncio.ensure_future(wake.wait())
-            await asyncio.wait((woken, stopping), timeout=due, return_when=asyncio.FIRST_COMPLETED)
-            woken.cancel()
-            if stopping.done():
-                return
-            await asyncio.wait((stopping,), timeout=coalesce)
-            was_woken = wake.is_set()
-            wake.clear()
-            if stopping.done():
-                return
-            result = await look(was_woken)
-            if result is None:
-                return
-            due = result
+        await stopped.wait()
     finally:
-        stopping.cancel()
+        await looks.stop(grace)
 
 
 class Looks:
-    """The same rules as `follow` (look at once, when woken, or when the seconds the last look returned have
-    passed; a burst of wakes within `coalesce` is one look; never two looks at once) without a task while
-    idle: a timer for the next deadline, a task only while looking. For objects counted in thousands (the
-    addons), where a loop each (two tasks) was 7 KB per object.
+    """Look when woken, or when the seconds the last look returned have passed; a burst of wakes within
+    `coalesce` is one look; never two looks at once. No task while idle: a timer for the next deadline, a task
+    only while looking (for objects counted in thousands, a loop each was 7 KB per object).
 
     A look is woken at once (`wake`) by whoever starts following the object. A look returning None has no
     deadline: only a wake looks again. A look that raises is logged and looked at again after `retry` seconds.
     `may_look` is asked when a look is due: False skips it (no deadline kept); whoever makes it True again
-    calls `wake`."""
+    calls `wake`.
+
+    Looks run in `context` (by default, the one this is made in), whoever wakes them (the routers' scraper, a
+    timer): a Kopf handler's context is how kopf.info/warn post Events. One context can serve many objects:
+    each copy holds the cause of the handler it was made in (its body and patch), kilobytes per object."""
 
     def __init__(
         self,
@@ -74,6 +55,7 @@ class Looks:
         coalesce: float,
         retry: float,
         may_look: Callable[[], bool] = lambda: True,
+        context: contextvars.Context | None = None,
     ) -> None:
         self._look = look
         self._retry = retry
@@ -83,9 +65,7 @@ class Looks:
         self._task: asyncio.Task[None] | None = None
         self._woken = False
         self._stopped = False
-        # Looks run in the context this was made in (a Kopf handler's: kopf.info/warn post Events through it),
-        # whoever wakes them (the routers' scraper, a timer).
-        self._context = contextvars.copy_context()
+        self._context = context or contextvars.copy_context()
 
     def wake(self) -> None:
         if self._stopped:
