@@ -42,7 +42,7 @@ async def test_a_daemon_looks_at_once_and_its_stop_ends_the_look_under_way_witho
     recorder = Recorder([])
     looks = Looks(slow_look, COALESCE, 5.0)
     setter: FlagSetter[object] = FlagSetter()
-    daemon = asyncio.create_task(follow(AsyncFlagWaiter(setter), looks, grace=8.0))
+    daemon = asyncio.create_task(follow(AsyncFlagWaiter(setter), [looks], grace=8.0))
     await asyncio.sleep(104)  # looks at 0.2 and 103.2 (its deadline), which is under way
     setter.set()
     await asyncio.wait_for(daemon, timeout=10)

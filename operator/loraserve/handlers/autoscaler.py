@@ -1,8 +1,8 @@
-"""The autoscaler loop: one Kopf daemon per Deployment. Each look (every tick while the Deployment is busy; when
-idle, only when woken by traffic, a spec or replica change, or at its next deadline) reads the routers' and the
-replicas' metrics, feeds the pure policy (loraserve.autoscale.policy), writes the decision through the scale
-subresource, meters GPU-seconds, persists the idle clock in status, and deletes a Deployment idle past its
-GC age (with an Event first)."""
+"""The autoscaler of each Deployment, beside its reconcile loop in its Kopf daemon. Each look (every tick while
+the Deployment is busy; when idle, only when woken by traffic, a spec or replica change, or at its next
+deadline) reads the routers' and the replicas' metrics, feeds the pure policy (loraserve.autoscale.policy),
+writes the decision through the scale subresource, meters GPU-seconds, persists the idle clock in status, and
+deletes a Deployment idle past its GC age (with an Event first)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +17,7 @@ import aiohttp
 import kopf
 import kubernetes
 from prometheus_client import Counter
+from pydantic import ValidationError
 
 from loraserve.api.common import GROUP, VERSION
 from loraserve.api.deployment import DeploymentSpec
@@ -25,8 +25,8 @@ from loraserve.api.naming import KEEP_ANNOTATION, MODEL_SERVER_PORT
 from loraserve.autoscale.policy import GpuMeter, ScalingPolicy, ScalingSettings, idle_gc_at, next_look
 from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
-from loraserve.handlers.deployment import POD_LISTENERS, kube, observed_pods
-from loraserve.handlers.follow import Looks, follow
+from loraserve.handlers.deployment import COMPANIONS, POD_LISTENERS, kube, observed_pods
+from loraserve.handlers.follow import Looks
 from loraserve.handlers.load import (
     SCRAPE_LISTENERS,
     latest_signals,
@@ -86,15 +86,136 @@ def _scale(namespace: str, name: str, replicas: int) -> None:
 
 
 class Scaled:
-    """One Deployment's autoscaler as its traffic and its events see it."""
+    """One Deployment's autoscaler: its state between looks (the policy's windows, the GPU meter, what it last
+    wrote) and its looks. It follows the Deployment beside its reconcile loop, in the same Kopf daemon."""
 
-    def __init__(self, look: Callable[[bool], Awaitable[float | None]]) -> None:
-        self.looks = Looks(look, COALESCE_SECONDS, RETRY_SECONDS)
+    def __init__(self, body: kopf.Body, name: str, namespace: str, logger: kopf.Logger) -> None:
+        self.body, self.name, self.namespace, self.logger = body, name, namespace, logger
+        self.looks = Looks(self.look, COALESCE_SECONDS, RETRY_SECONDS)
         self.requests_total: float | None = None  # the routers' counter at the last look
         self.seen: Any = None  # (generation, keep annotation) at the last event
+        self.created = _epoch(body.metadata.get("creationTimestamp")) or time.time()
+        status = dict(body.status or {})
+        # The idle clock survives operator restarts: it is read back from status (by the first look, which
+        # has a valid spec for the policy).
+        self.restored_request_at = _epoch(status.get("lastRequestTime"))
+        self.policy: ScalingPolicy | None = None
+        self.meter = GpuMeter(total=float(status.get("gpuSeconds") or 0.0))
+        # What the operator last asked for: a higher spec.replicas than this was set from outside (a wake-up).
+        self.last_applied = int(status.get("desiredReplicas") or 0)
+        self.last_written = 0.0
+        self.written: dict[str, Any] = {}
+
+    async def look(self, _: bool) -> float | None:
+        body, name, namespace, logger = self.body, self.name, self.namespace, self.logger
+        settings = operator_settings().autoscaler
+        now = time.time()
+        try:
+            spec = DeploymentSpec.model_validate(dict(body.spec))
+        except ValidationError:
+            return RESYNC_SECONDS  # the Deployment's loop reports it (Stalled: InvalidSpec); a new spec wakes this
+        if spec.replicas is None:
+            # The Deployment's loop sets it on its first reconcile; that write is a new generation, which wakes
+            # this loop (deployment_respecified). Polling for it every tick was, at 1,000 Deployments created at
+            # once, a sixth of the operator's event loop.
+            return RESYNC_SECONDS
+        if self.policy is None:
+            self.policy = ScalingPolicy.restore(
+                ScalingSettings.from_spec(spec),
+                {"createdAt": self.created, "lastRequestTime": self.restored_request_at},
+            )
+        policy, meter = self.policy, self.meter
+        policy.update_settings(ScalingSettings.from_spec(spec))
+        current = desired_replicas(spec)
+        if current > self.last_applied:
+            policy.record_request(now)  # woken from outside (the router at zero, or kubectl scale)
+        session = _session()
+        signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
+        pods = await observed_pods(namespace, name)  # kept current by watch events
+        ips = [ip for _, ip in ready_replicas(pods)]
+        replica_load = await _replica_load(session, ips)
+        known = [x for x in (signal.in_flight if routers_answered() else None, replica_load) if x is not None]
+        if not known:
+            # Neither the routers nor the replicas answered: no sample, rather than a load of zero that would
+            # reset the up-window or start the down-window. Asked again next tick.
+            logger.debug(f"{namespace}/{name}: load not known (no answer from the routers or the replicas)")
+            return settings.tick
+        load = max(known)
+        previous_total, self.requests_total = self.requests_total, signal.requests_total
+        arrived = 0 if previous_total is None else int(signal.requests_total - previous_total)
+        policy.observe(now, load, arrived, last_request_at=signal.last_request)
+        unschedulable = 1 if gpu_stockout(pods) else 0
+        schedulable = max(0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable)
+        decision = policy.desired(now, current, schedulable if unschedulable else None)
+        logger.debug(f"{namespace}/{name}: load {load:g} (router {signal.in_flight:g}), {current} -> {decision}")
+        new_status: dict[str, Any] = {}
+        scaling = decision.replicas != current
+        if scaling:
+            await asyncio.to_thread(_scale, namespace, name, decision.replicas)
+            SCALE_DECISIONS.labels(namespace, name, decision.reason.value).inc()
+            message = f"{current} -> {decision.replicas} replicas: {decision.reason.value} (load {load:g})"
+            kopf.info(body, reason="Scaled", message=message)
+            logger.info(message)
+            new_status.update(
+                lastScaleTime=_iso(now), scaleReason=f"{decision.reason.value}: {decision.message}".rstrip(": ")
+            )
+            current = decision.replicas
+        self.last_applied = current
+        added = meter.sample(now, len(ips), spec.effective_accelerator_count)
+        if added:
+            GPU_SECONDS.labels(namespace, name, spec.accelerator_type.value).inc(added)
+        if policy.last_request_time is not None:
+            # Rounded up to the second status keeps: a successor's zero clock is never earlier.
+            new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
+        changed = {k: v for k, v in new_status.items() if self.written.get(k) != v}
+        # The meter alone moves on every look: it rides along with another change, or every gpu_meter_every.
+        if changed or now - self.last_written >= settings.gpu_meter_every:
+            if self.written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
+                changed["gpuSeconds"] = gpu
+            if changed:
+                await asyncio.to_thread(_patch_status, namespace, name, changed)
+                self.written.update(changed)
+            self.last_written = now
+        gc_age = parse_window(spec.idle_delete_after) if spec.idle_delete_after else settings.idle_delete_after
+        keep = (body.metadata.annotations or {}).get(KEEP_ANNOTATION) == "true"
+        gc_at = idle_gc_at(policy.last_request_time, self.created, spec.min_replicas, keep, gc_age)
+        if gc_at is not None and now >= gc_at:
+            idle_for = now - (policy.last_request_time or self.created)
+            kopf.warn(
+                body, reason="IdleDeleted", message=f"no request for {idle_for:.0f}s (limit {gc_age:.0f}s): deleting"
+            )
+            await asyncio.sleep(1.0)  # let the Event land before the object goes
+            await asyncio.to_thread(
+                kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
+            )
+            return None
+        busy = load > 0 or signal.held > 0 or arrived > 0 or scaling
+        meter_due = self.last_written + settings.gpu_meter_every if ips else None
+        return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), RESYNC_SECONDS)
+
+    async def stopped(self) -> None:
+        """Its Deployment's daemon ended (the looks have): nothing of it stays, and what the meter counted since
+        its last write is kept (shutdown, a peer takes over)."""
+        key = (self.namespace, self.name)
+        if _scaled.get(key) is self:
+            del _scaled[key]
+        forget_deployment(self.namespace, self.name)  # a deleted Deployment leaves no stale gauges
+        self.meter.sample(time.time(), 0, 0)  # charges the time since the last look at that look's count
+        gpu = round(self.meter.total, 1)
+        if not self.body.metadata.get("deletionTimestamp") and self.written.get("gpuSeconds") != gpu:
+            with contextlib.suppress(kubernetes.client.ApiException):
+                await asyncio.to_thread(_patch_status, self.namespace, self.name, {"gpuSeconds": gpu})
 
 
-# (namespace, name) -> its autoscaler; registered by its daemon and removed when the daemon ends.
+def _start(body: kopf.Body, name: str, namespace: str, logger: kopf.Logger) -> Scaled:
+    scaled = _scaled[(namespace, name)] = Scaled(body, name, namespace, logger)
+    return scaled
+
+
+COMPANIONS.append(_start)
+
+
+# (namespace, name) -> its autoscaler; registered when its Deployment's daemon starts, removed when it ends.
 _scaled: dict[tuple[str, str], Scaled] = {}
 
 
@@ -136,6 +257,15 @@ async def deployment_respecified(
 
 
 _scraping: asyncio.Task[None] | None = None
+# One HTTP client for every Deployment's looks (the routers' and the replicas' metrics): one each was a
+# connection pool per Deployment.
+_sessions: list[aiohttp.ClientSession] = []
+
+
+def _session() -> aiohttp.ClientSession:
+    if not _sessions:
+        _sessions.append(aiohttp.ClientSession())
+    return _sessions[0]
 
 
 @kopf.on.startup()
@@ -148,116 +278,5 @@ async def start_scraping_routers(**_: Any) -> None:
 async def stop_scraping_routers(**_: Any) -> None:
     if _scraping is not None:
         _scraping.cancel()
-
-
-@kopf.daemon(GROUP, VERSION, "deployments", cancellation_timeout=10.0)  # type: ignore[arg-type]
-async def deployment_autoscaler(
-    body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
-) -> None:
-    """Looks every tick while the Deployment has traffic or a change under way; idle, only when woken (traffic
-    seen by the routers, a new spec, a replica's readiness) or at its next deadline (a window ending, idle GC,
-    the GPU meter's status write, every LORASERVE_GPU_METER_INTERVAL)."""
-    settings = operator_settings().autoscaler
-    created = _epoch(body.metadata.get("creationTimestamp")) or time.time()
-    status = dict(body.status or {})
-    spec = DeploymentSpec.model_validate(dict(body.spec))
-    # The idle clock survives operator restarts: it is read back from status.
-    policy = ScalingPolicy.restore(
-        ScalingSettings.from_spec(spec),
-        {"createdAt": created, "lastRequestTime": _epoch(status.get("lastRequestTime"))},
-    )
-    meter = GpuMeter(total=float(status.get("gpuSeconds") or 0.0))
-    # What the operator last asked for: a higher spec.replicas than this was set from outside (a wake-up).
-    last_applied: int = int(status.get("desiredReplicas") or 0)
-    last_written = 0.0
-    written: dict[str, Any] = {}
-
-    async def look(_: bool) -> float | None:
-        nonlocal last_applied, last_written
-        now = time.time()
-        spec = DeploymentSpec.model_validate(dict(body.spec))
-        if spec.replicas is None:
-            # The Deployment's loop sets it on its first reconcile; that write is a new generation, which wakes
-            # this loop (deployment_respecified). Polling for it every tick was, at 1,000 Deployments created at
-            # once, a sixth of the operator's event loop.
-            return RESYNC_SECONDS
-        policy.update_settings(ScalingSettings.from_spec(spec))
-        current = desired_replicas(spec)
-        if current > last_applied:
-            policy.record_request(now)  # woken from outside (the router at zero, or kubectl scale)
-        signal = (await router_signals(session, settings)).get((namespace, name), RouterSignal())
-        pods = await observed_pods(namespace, name)  # kept current by watch events
-        ips = [ip for _, ip in ready_replicas(pods)]
-        replica_load = await _replica_load(session, ips)
-        known = [x for x in (signal.in_flight if routers_answered() else None, replica_load) if x is not None]
-        if not known:
-            # Neither the routers nor the replicas answered: no sample, rather than a load of zero that would
-            # reset the up-window or start the down-window. Asked again next tick.
-            logger.debug(f"{namespace}/{name}: load not known (no answer from the routers or the replicas)")
-            return settings.tick
-        load = max(known)
-        previous_total, scaled.requests_total = scaled.requests_total, signal.requests_total
-        arrived = 0 if previous_total is None else int(signal.requests_total - previous_total)
-        policy.observe(now, load, arrived, last_request_at=signal.last_request)
-        unschedulable = 1 if gpu_stockout(pods) else 0
-        schedulable = max(0, len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) - unschedulable)
-        decision = policy.desired(now, current, schedulable if unschedulable else None)
-        logger.debug(f"{namespace}/{name}: load {load:g} (router {signal.in_flight:g}), {current} -> {decision}")
-        new_status: dict[str, Any] = {}
-        scaling = decision.replicas != current
-        if scaling:
-            await asyncio.to_thread(_scale, namespace, name, decision.replicas)
-            SCALE_DECISIONS.labels(namespace, name, decision.reason.value).inc()
-            message = f"{current} -> {decision.replicas} replicas: {decision.reason.value} (load {load:g})"
-            kopf.info(body, reason="Scaled", message=message)
-            logger.info(message)
-            new_status.update(
-                lastScaleTime=_iso(now), scaleReason=f"{decision.reason.value}: {decision.message}".rstrip(": ")
-            )
-            current = decision.replicas
-        last_applied = current
-        added = meter.sample(now, len(ips), spec.effective_accelerator_count)
-        if added:
-            GPU_SECONDS.labels(namespace, name, spec.accelerator_type.value).inc(added)
-        if policy.last_request_time is not None:
-            # Rounded up to the second status keeps: a successor's zero clock is never earlier.
-            new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
-        changed = {k: v for k, v in new_status.items() if written.get(k) != v}
-        # The meter alone moves on every look: it rides along with another change, or every gpu_meter_every.
-        if changed or now - last_written >= settings.gpu_meter_every:
-            if written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
-                changed["gpuSeconds"] = gpu
-            if changed:
-                await asyncio.to_thread(_patch_status, namespace, name, changed)
-                written.update(changed)
-            last_written = now
-        gc_age = parse_window(spec.idle_delete_after) if spec.idle_delete_after else settings.idle_delete_after
-        keep = (body.metadata.annotations or {}).get(KEEP_ANNOTATION) == "true"
-        gc_at = idle_gc_at(policy.last_request_time, created, spec.min_replicas, keep, gc_age)
-        if gc_at is not None and now >= gc_at:
-            idle_for = now - (policy.last_request_time or created)
-            kopf.warn(
-                body, reason="IdleDeleted", message=f"no request for {idle_for:.0f}s (limit {gc_age:.0f}s): deleting"
-            )
-            await asyncio.sleep(1.0)  # let the Event land before the object goes
-            await asyncio.to_thread(
-                kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
-            )
-            return None
-        busy = load > 0 or signal.held > 0 or arrived > 0 or scaling
-        meter_due = last_written + settings.gpu_meter_every if ips else None
-        return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), RESYNC_SECONDS)
-
-    scaled = _scaled[(namespace, name)] = Scaled(look)
-    try:
-        async with aiohttp.ClientSession() as session:
-            await follow(stopped, scaled.looks, STOP_GRACE)
-    finally:
-        if _scaled.get((namespace, name)) is scaled:
-            del _scaled[(namespace, name)]
-        forget_deployment(namespace, name)  # a deleted Deployment leaves no stale gauges
-        meter.sample(time.time(), 0, 0)  # charges the time since the last look at that look's count
-        if not body.metadata.get("deletionTimestamp") and written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
-            # Stopping (shutdown, a peer takes over): what the meter counted since its last write is kept.
-            with contextlib.suppress(kubernetes.client.ApiException):
-                await asyncio.to_thread(_patch_status, namespace, name, {"gpuSeconds": gpu})
+    while _sessions:
+        await _sessions.pop().close()

@@ -6,7 +6,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 import kubernetes
@@ -203,6 +203,19 @@ class Watched:
         self.own_generation: int | None = None
 
 
+class Companion(Protocol):
+    """What else follows a Deployment for its daemon's life (the autoscaler): its looks run beside the
+    reconcile loop's, and `stopped` is called once they have ended."""
+
+    looks: Looks
+
+    async def stopped(self) -> None: ...
+
+
+# Started with each Deployment's loop, in its one Kopf daemon (a daemon each was a task, a cause and a stopper
+# more per Deployment).
+COMPANIONS: list[Callable[[kopf.Body, str, str, kopf.Logger], Companion]] = []
+
 # (namespace, name) -> the CR's loop, registered by its daemon and removed when the daemon ends (the object is
 # deleted, or this operator pauses for a peer), so nothing outlives the object.
 _watched: dict[tuple[str, str], Watched] = {}
@@ -243,15 +256,22 @@ async def deployment_follow(
         return resync_seconds()
 
     watched = _watched[(namespace, name)] = Watched(body, look)
+    companions = []
+    for start in COMPANIONS:
+        try:
+            companions.append(start(body, name, namespace, logger))
+        except Exception as exc:  # e.g. a status field it reads back, edited by hand: the loop goes on without it
+            logger.error(f"{start.__module__} does not follow {name}: {exc!r}")
     for listener in FOLLOW_LISTENERS:
         listener(namespace, name)
     try:
         # child events may have come before this loop was registered: it looks at once
-        await follow(stopped, watched.looks, STOP_GRACE)
+        await follow(stopped, [watched.looks, *(c.looks for c in companions)], STOP_GRACE)
     finally:
         if _watched.get((namespace, name)) is watched:
             del _watched[(namespace, name)]
             CACHE.forget((namespace, name))
+        await asyncio.gather(*(c.stopped() for c in companions))
 
 
 async def _reconcile_and_write(

@@ -8,7 +8,7 @@ import asyncio
 import contextvars
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import kopf
 
@@ -23,16 +23,17 @@ def resync_seconds() -> float:
     return RESYNC_SECONDS * random.uniform(0.8, 1.2)
 
 
-async def follow(stopped: kopf.DaemonStopped, looks: Looks, grace: float) -> None:
-    """A Kopf daemon's life, driven by `looks`: a look at once, then as `Looks` rules, until Kopf stops the
-    daemon (the object is deleted, the operator stops or pauses for a peer); then the look under way ends,
+async def follow(stopped: kopf.DaemonStopped, looks: Sequence[Looks], grace: float) -> None:
+    """A Kopf daemon's life, driven by `looks`: a look of each at once, then as `Looks` rules, until Kopf stops
+    the daemon (the object is deleted, the operator stops or pauses for a peer); then the looks under way end,
     cancelled after `grace`. While idle the daemon's task only waits for that stop: one waiter for the loop's
     whole life (each `stopped.wait()` makes a Kopf promise and a task)."""
-    looks.wake()
+    for each in looks:
+        each.wake()
     try:
         await stopped.wait()
     finally:
-        await looks.stop(grace)
+        await asyncio.gather(*(each.stop(grace) for each in looks))
 
 
 class Looks:
