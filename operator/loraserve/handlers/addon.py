@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -126,6 +129,19 @@ LOADED = LoadedAdapters()
 
 async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
     return await LOADED.observe(session, name, ip)
+
+
+@contextlib.asynccontextmanager
+async def _asked_afresh(
+    namespace: str, deployment_name: str, pods: list[dict[str, Any]]
+) -> AsyncIterator[tuple[aiohttp.ClientSession, list[addons.Replica | None]]]:
+    """Each ready replica of the Deployment asked now (not from the shared answers) what it has loaded (None:
+    it did not answer), and the session to act on them with."""
+    ready = ready_replicas(pods)
+    LOADED.forget({pod for pod, _ in ready})
+    auth = model_server_tokens().authorization(namespace, deployment_name)
+    async with aiohttp.ClientSession(headers=auth) as session:
+        yield session, list(await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready)))
 
 
 async def _load(
@@ -416,6 +432,13 @@ def _capacity(namespace: str, deployment_name: str, deployment: DeploymentSpec, 
 FINALIZER = "serving.loraserve.dev/unload-adapters"
 
 
+def _pack(raw: kopf.RawBody) -> str:
+    """An addon's object as it is kept between its events: compact JSON, decoded when looked at. At 10,000
+    addons the objects themselves were thousands of small dicts, lists and strings each (3 KB per addon, and
+    the fragmentation of replacing them at every status write); their text is one string of about 1 KB."""
+    return json.dumps(raw, separators=(",", ":"))
+
+
 _HANDLER_CONTEXT: list[contextvars.Context] = []
 
 
@@ -431,8 +454,7 @@ class Followed:
     (written status, backoff, rollback window), and its looks. No task of its own while idle."""
 
     def __init__(self, key: tuple[str, str], raw: kopf.RawBody) -> None:
-        # The raw object, not Kopf's Body: its views (meta, spec, status, labels, annotations) are 2 KB per addon.
-        self.raw = raw
+        self._packed = _pack(raw)
         self.namespace, self.name = key
         self.memo: dict[str, Any] = {}
         self.seen: tuple[Any, ...] = ()
@@ -441,14 +463,20 @@ class Followed:
         self.looks = Looks(self.look, COALESCE_SECONDS, UNREACHABLE_RETRY, self.may_look, _handler_context())
 
     @property
+    def raw(self) -> kopf.RawBody:
+        """The addon as its latest event brought it (a fresh copy)."""
+        raw: kopf.RawBody = json.loads(self._packed)
+        return raw
+
+    @property
     def body(self) -> kopf.Body:
         return kopf.Body(self.raw)
 
     def update(self, event: kopf.RawEvent) -> None:
         """The addon's latest event: its object is the body from now on; once it shows the status this operator
         last wrote, that copy is dropped (see since_written)."""
-        self.raw = event["object"]
-        if caught_up(self.raw, self.memo.get("written")):
+        self._packed = _pack(event["object"])
+        if caught_up(event["object"], self.memo.get("written")):
             del self.memo["written"]
 
     def wake(self) -> None:
@@ -632,7 +660,7 @@ async def loraaddon_event(
     """The addon's first event starts following it; a spec change (a new generation) or a re-arm annotation
     wakes it, its own status writes do not; its deletion unloads it. A Deployment the addon left (moved or
     deleted) is swept of anything of it still loaded."""
-    slim(event["object"])  # kept as the addon's body until its next event
+    slim(event["object"], share_strings=False)  # kept (as text) as the addon's body until its next event
     key = (namespace or "", name or "")
     deleted = event.get("type") == "DELETED"
     _count_versions(key, None if deleted else (body.spec.get("deployment") or "", len(body.spec.get("targets") or [])))
@@ -753,12 +781,9 @@ async def _check_replicas(namespace: str, deployment_name: str) -> None:
     only the addons it is out of step with look again (an addon has no resync of its own: at 10,000 addons
     that was 15 looks a second on an idle operator)."""
     try:
-        ready = ready_replicas(await observed_pods(namespace, deployment_name))
-        LOADED.forget({pod for pod, _ in ready})  # asked afresh
-        auth = model_server_tokens().authorization(namespace, deployment_name)
-        async with aiohttp.ClientSession(headers=auth) as session:
-            seen = await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready))
-        loaded = [None if replica is None else replica.loaded for replica in seen]
+        pods = await observed_pods(namespace, deployment_name)
+        async with _asked_afresh(namespace, deployment_name, pods) as (_, replicas):
+            loaded = [None if replica is None else replica.loaded for replica in replicas]
         for name in list(_by_deployment.get((namespace, deployment_name), ())):
             followed = _followed.get((namespace, name))
             if followed is not None and addons.out_of_step(name, dict(followed.raw.get("status") or {}), loaded):
@@ -778,10 +803,8 @@ async def _unload_addon(namespace: str, deployment_name: str, name: str) -> None
     that does not answer keeps it until it restarts)."""
     pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = operator_settings().manifests.fetcher_port
-    auth = model_server_tokens().authorization(namespace, deployment_name)
-    LOADED.forget({pod for pod, _ in ready_replicas(pods)})  # asked afresh: nothing of the addon may stay
-    async with aiohttp.ClientSession(headers=auth) as session:
-        for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
+    async with _asked_afresh(namespace, deployment_name, pods) as (session, replicas):  # nothing of it may stay
+        for replica in replicas:
             if replica is not None:
                 owned = sorted(n for n in replica.loaded if addons.owned_by(name, n))
                 await _unload(session, replica, owned, fetcher_port)
@@ -823,9 +846,8 @@ async def _sweep(namespace: str, deployment_name: str, placements: kopf.Index[tu
 
         pods = await observed_pods(namespace, deployment_name)
         fetcher_port = operator_settings().manifests.fetcher_port
-        auth = model_server_tokens().authorization(namespace, deployment_name)
-        async with aiohttp.ClientSession(headers=auth) as session:
-            for replica in await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods))):
+        async with _asked_afresh(namespace, deployment_name, pods) as (session, replicas):
+            for replica in replicas:
                 orphans = addons.orphaned(deployment_name, replica.loaded, placed_on) if replica else []
                 if replica is not None and orphans:
                     await _unload(session, replica, orphans, fetcher_port)

@@ -94,18 +94,19 @@ def _shared(value: Any) -> Any:
     return value
 
 
-def slim(obj: Mapping[str, Any] | None) -> None:
+def slim(obj: Mapping[str, Any] | None, share_strings: bool = True) -> None:
     """`obj` as the operator keeps it in memory: without metadata.managedFields (server-side apply's record of
     who wrote what, never read here; about half of a small object's memory) and kubectl's last-applied copy of
-    the object, with strings shared between objects. In place: the watch event's own dict is also what Kopf
-    keeps as a followed object's live body."""
+    the object, with strings shared between objects (unless it is kept as text). In place: the watch event's
+    own dict is also what Kopf keeps as a followed object's live body."""
     metadata = None if obj is None else obj.get("metadata")
     if isinstance(metadata, dict):
         metadata.pop("managedFields", None)
         annotations = metadata.get("annotations")
         if isinstance(annotations, dict):
             annotations.pop(LAST_APPLIED, None)
-    _shared(obj)
+    if share_strings:
+        _shared(obj)
 
 
 def replica_view(pod: dict[str, Any]) -> tuple[bool, str | None, int]:
