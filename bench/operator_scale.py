@@ -681,9 +681,10 @@ def print_summary(results: list[dict[str, Any]]) -> None:
     if len(results) >= 2:
         first, last = results[0], results[-1]
         a, b = first["operator_rps"] / first["objects"], last["operator_rps"] / last["objects"]
-        ratio = f"{b / a:.2f}" if a > 0 else "n/a"
+        # At a small N the idle window may hold no call of the operator at all: then there is no ratio.
+        ratio = f"{b / a:.2f}x" if a > 0 else f"n/a (none at N={first['n']})"
         note = "" if first["converged"] and last["converged"] else " (a size did not converge: not comparable)"
-        print(f"idle API calls per object, N={last['n']} vs N={first['n']}: {ratio}x (goal: flat, ideally 0){note}")
+        print(f"idle API calls per object, N={last['n']} vs N={first['n']}: {ratio} (goal: flat, ideally 0){note}")
 
 
 async def main_async(args: argparse.Namespace) -> None:
