@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
@@ -92,6 +93,11 @@ def run(namespaces: list[str] | None = None, standalone: bool = False, liveness:
         model_server_tokens()
     except (OSError, ValueError) as exc:
         raise SystemExit(f"loraserve operator cannot start: {exc}") from None
+    # What the imports made (Kopf, the Kubernetes client's models, pydantic: about 250,000 objects) lives as
+    # long as the process: out of the garbage collector's sight, each full collection no longer scans it. With
+    # it, a full collection paused the event loop for most of a second at 300 Deployments, seconds at 1,000.
+    gc.collect()
+    gc.freeze()
     asyncio.run(_operate(namespaces, standalone, liveness))
 
 
