@@ -454,7 +454,7 @@ class Followed:
     (written status, backoff, rollback window), and its looks. No task of its own while idle."""
 
     def __init__(self, key: tuple[str, str], raw: kopf.RawBody) -> None:
-        self._packed = _pack(raw)
+        self._keep(raw)
         self.namespace, self.name = key
         self.memo: dict[str, Any] = {}
         self.seen: tuple[Any, ...] = ()
@@ -472,10 +472,21 @@ class Followed:
     def body(self) -> kopf.Body:
         return kopf.Body(self.raw)
 
+    def _keep(self, raw: kopf.RawBody) -> None:
+        self._packed = _pack(raw)
+        # What is read of every followed addon at once (after each scrape of the routers, at a ModelVersion's
+        # change), kept beside the text so that those reads decode nothing.
+        status = raw.get("status") or {}
+        self.state: str | None = status.get("state")
+        self.last_request_time: str | None = status.get("lastRequestTime")
+        self.model_versions = frozenset(
+            str(t.get("modelVersion")) for t in (raw.get("spec") or {}).get("targets") or []
+        )
+
     def update(self, event: kopf.RawEvent) -> None:
         """The addon's latest event: its object is the body from now on; once it shows the status this operator
         last wrote, that copy is dropped (see since_written)."""
-        self._packed = _pack(event["object"])
+        self._keep(event["object"])
         if caught_up(event["object"], self.memo.get("written")):
             del self.memo["written"]
 
@@ -711,9 +722,7 @@ def _gone_replicas(namespace: str, deployment_name: str) -> set[str]:
 
 def _version_changed(namespace: str, version: str) -> None:
     for (ns, _), followed in list(_followed.items()):
-        if ns == namespace and any(
-            t.get("modelVersion") == version for t in (followed.raw.get("spec") or {}).get("targets") or []
-        ):
+        if ns == namespace and version in followed.model_versions:
             followed.wake()
 
 
@@ -753,9 +762,8 @@ def _wake_on_demand() -> None:
         followed = _followed.get((ns, addon))
         if followed is None:
             continue
-        status: dict[str, Any] = dict(followed.raw.get("status") or {})
-        recorded = _epoch(status.get("lastRequestTime")) or 0.0
-        if (signal.in_flight > 0 and status.get("state") != "READY") or (
+        recorded = _epoch(followed.last_request_time) or 0.0
+        if (signal.in_flight > 0 and followed.state != "READY") or (
             signal.last_request is not None and signal.last_request - recorded > LAST_REQUEST_STALE
         ):
             followed.wake()
