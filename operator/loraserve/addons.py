@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -204,7 +204,7 @@ def serverless_base(item: Mapping[str, Any], mv_bases: Mapping[str, str]) -> str
 
 
 def pool_members(
-    pool: str, base_model: str, items: list[Mapping[str, Any]], mv_bases: Mapping[str, str]
+    pool: str, base_model: str, items: Sequence[Mapping[str, Any]], mv_bases: Mapping[str, str]
 ) -> list[tuple[bool, str, str]]:
     """(seated, creationTimestamp, name) of every live serverless addon that belongs to this pool: seated in
     it (status.deployment), or not seated yet and of the same base model. Addons with a Deployment of their

@@ -14,6 +14,7 @@ from loraserve.resources.model_server import SPEC_HASH_ANNOTATION
 
 FIELD_MANAGER = "loraserve-operator"
 APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
 # Objects the operator writes but may not read (Secrets) are written again this often, so one deleted by
 # hand comes back without an operator restart.
 REAPPLY_SECONDS = 600.0
@@ -33,7 +34,21 @@ def load_config() -> None:
         config.load_kube_config()  # type: ignore[no-untyped-call]
 
 
+def _collection(group_version: str, namespace: str, plural: str) -> str:
+    prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}"
+
+
+def _custom(namespace: str, plural: str) -> str:
+    return _collection(f"{GROUP}/{VERSION}", namespace, plural)
+
+
 class Kube:
+    """Requests by path through the client's ApiClient (its configuration, auth, TLS and connection pool),
+    answers read as JSON. Not the client's typed API classes: importing them and the models they bring took
+    30 MB of the operator's memory and four seconds of its event loop, for calls made here with a path and a
+    dict."""
+
     def __init__(self, api: client.ApiClient | None = None) -> None:
         if api is None:
             # Not the process default: Kopf's login replaces that after the operator's startup handlers run.
@@ -41,25 +56,50 @@ class Kube:
             configuration.connection_pool_maxsize = CALLS_IN_FLIGHT
             api = client.ApiClient(configuration)
         self.api: Any = api
-        self.core: Any = client.CoreV1Api(self.api)
-        self.apps: Any = client.AppsV1Api(self.api)
-        self.custom: Any = client.CustomObjectsApi(self.api)
-        self.networking: Any = client.NetworkingV1Api(self.api)
         self._applied: dict[tuple[str, str, str, int], float] = {}  # owned objects written, and when
 
-    def _get(self, read: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> Any:
+        """The answer (urllib3's, unread), or ApiException with the API server's status and message."""
+        headers = {"Accept": "application/json"} | ({"Content-Type": content_type} if content_type else {})
+        request = self.api.param_serialize(
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*request)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise client.ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
+
+    def _get(self, path: str) -> dict[str, Any] | None:
         try:
-            return _json(read(name, namespace, _preload_content=False))
+            return _json(self._call("GET", path))
         except client.ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
+    def _apply(self, collection: str, manifest: dict[str, Any]) -> None:
+        """Server-side apply, the answer left undecoded: the operator reads its objects from watch events."""
+        path = f"{collection}/{manifest['metadata']['name']}"
+        _drain(self._call("PATCH", path, {"fieldManager": FIELD_MANAGER, "force": "true"}, manifest, APPLY))
+
     def get_deployment_child(self, name: str, namespace: str) -> dict[str, Any] | None:
-        return self._get(self.apps.read_namespaced_deployment, name, namespace)
+        return self._get(f"{_collection('apps/v1', namespace, 'deployments')}/{name}")
 
     def get_service(self, name: str, namespace: str) -> dict[str, Any] | None:
-        return self._get(self.core.read_namespaced_service, name, namespace)
+        return self._get(f"{_collection('v1', namespace, 'services')}/{name}")
 
     def apply_deployment_child(self, manifest: dict[str, Any], live: dict[str, Any] | None) -> bool:
         """Server-side apply when the live object (as last seen) differs from what we want; True if written."""
@@ -71,7 +111,7 @@ class Kube:
                 and live["spec"].get("replicas") == manifest["spec"]["replicas"]
             ):
                 return False
-        _drain(self.apps.patch_namespaced_deployment(meta["name"], meta["namespace"], manifest, **_APPLY_RAW))
+        self._apply(_collection("apps/v1", meta["namespace"], "deployments"), manifest)
         return True
 
     def apply_service(self, manifest: dict[str, Any]) -> bool:
@@ -79,23 +119,24 @@ class Kube:
         live = self.get_service(meta["name"], meta["namespace"])
         if live is not None and live["spec"].get("ports") and _same_ports(live, manifest):
             return False
-        _drain(self.core.patch_namespaced_service(meta["name"], meta["namespace"], manifest, **_APPLY_RAW))
+        self._apply(_collection("v1", meta["namespace"], "services"), manifest)
         return True
 
     def apply_secret(self, manifest: dict[str, Any]) -> bool:
         """Server-side apply of a Secret the operator owns. The operator may create and patch Secrets but never
         read them (no get, list or watch), so it writes each once per process instead of comparing."""
-        return self._apply_once(manifest, self.core.patch_namespaced_secret)
+        return self._apply_once(manifest, _collection("v1", manifest["metadata"]["namespace"], "secrets"))
 
     def apply_network_policy(self, manifest: dict[str, Any]) -> bool:
-        return self._apply_once(manifest, self.networking.patch_namespaced_network_policy)
+        namespace = manifest["metadata"]["namespace"]
+        return self._apply_once(manifest, _collection("networking.k8s.io/v1", namespace, "networkpolicies"))
 
-    def _apply_once(self, manifest: dict[str, Any], patch: Any) -> bool:
+    def _apply_once(self, manifest: dict[str, Any], collection: str) -> bool:
         meta = manifest["metadata"]
         key = (manifest["kind"], meta["namespace"], meta["name"], hash(json.dumps(manifest, sort_keys=True)))
         if time.monotonic() - self._applied.get(key, -REAPPLY_SECONDS) < REAPPLY_SECONDS:
             return False
-        _drain(patch(meta["name"], meta["namespace"], manifest, **_APPLY_RAW))
+        self._apply(collection, manifest)
         self._applied[key] = time.monotonic()
         return True
 
@@ -105,26 +146,25 @@ class Kube:
     def list_pods_versioned(self, namespace: str, selector: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
         """The pods and the list's resourceVersion (to merge with watch events that came meanwhile)."""
         label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
-        listed = _json(self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False))
+        listed = _json(self._call("GET", _collection("v1", namespace, "pods"), {"labelSelector": label_selector}))
         version = str(listed["metadata"].get("resourceVersion") or "0")
         return list(listed.get("items") or []), int(version) if version.isdigit() else 0
 
+    def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        return list(_json(self._call("GET", _custom(namespace, plural))).get("items") or [])
+
     def get_custom(self, plural: str, name: str, namespace: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return obj
+        return self._get(f"{_custom(namespace, plural)}/{name}")
+
+    def create_custom(self, plural: str, namespace: str, body: dict[str, Any]) -> None:
+        _drain(self._call("POST", _custom(namespace, plural), body=body))
+
+    def delete_custom(self, plural: str, name: str, namespace: str) -> None:
+        _drain(self._call("DELETE", f"{_custom(namespace, plural)}/{name}"))
 
     def patch_custom(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> int:
         """Returns the object's generation after the patch."""
-        patched = _json(
-            self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, body, _preload_content=False
-            )
-        )
+        patched = _json(self._call("PATCH", f"{_custom(namespace, plural)}/{name}", body=body, content_type=MERGE))
         return int(patched["metadata"].get("generation") or 0)
 
     def set_finalizers(
@@ -133,29 +173,15 @@ class Kube:
         """Only onto the version they were read from (409 Conflict else): another controller's finalizer, added
         or removed meanwhile, is never undone."""
         body = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
-        _drain(
-            self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, body, _preload_content=False
-            )
-        )
+        _drain(self._call("PATCH", f"{_custom(namespace, plural)}/{name}", body=body, content_type=MERGE))
 
     def patch_custom_status(self, plural: str, name: str, namespace: str, body: dict[str, Any]) -> None:
         # The answer (the whole object) is not decoded: the watch brings the write back.
-        _drain(
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name, body, _preload_content=False
-            )
-        )
+        _drain(self._call("PATCH", f"{_custom(namespace, plural)}/{name}/status", body=body, content_type=MERGE))
 
-
-# Server-side apply, the answer left undecoded: the operator reads its objects from watch events, and turning
-# each answer into the client's typed models (and back into dicts) took a third of its CPU at 1,000 Deployments.
-_APPLY_RAW: dict[str, Any] = {
-    "field_manager": FIELD_MANAGER,
-    "force": True,
-    "_content_type": APPLY,
-    "_preload_content": False,
-}
+    def scale_custom(self, plural: str, name: str, namespace: str, replicas: int) -> None:
+        body = {"spec": {"replicas": replicas}}
+        _drain(self._call("PATCH", f"{_custom(namespace, plural)}/{name}/scale", body=body, content_type=MERGE))
 
 
 def _json(response: Any) -> dict[str, Any]:

@@ -86,12 +86,13 @@ def test_owned_secrets_are_written_again_after_a_while(monkeypatch: pytest.Monke
     now = [1000.0]
     monkeypatch.setattr(kube_module.time, "monotonic", lambda: now[0])
 
-    def patch(name: str, namespace: str, *_: object, **__: object) -> SimpleNamespace:
-        writes.append(f"{namespace}/{name}")
+    def call(method: str, path: str, *_: object, **__: object) -> SimpleNamespace:
+        writes.append(f"{method} {path}")
         return SimpleNamespace(data=b"{}", release_conn=lambda: None)  # the undecoded answer
 
-    assert kube._apply_once(secret, patch)
-    assert not kube._apply_once(secret, patch)  # never read back: written once per period
+    monkeypatch.setattr(kube, "_call", call)
+    assert kube.apply_secret(secret)
+    assert not kube.apply_secret(secret)  # never read back: written once per period
     now[0] += kube_module.REAPPLY_SECONDS
-    assert kube._apply_once(secret, patch)  # deleted by hand meanwhile? it comes back
-    assert writes == ["ns/t", "ns/t"]
+    assert kube.apply_secret(secret)  # deleted by hand meanwhile? it comes back
+    assert writes == ["PATCH /api/v1/namespaces/ns/secrets/t"] * 2

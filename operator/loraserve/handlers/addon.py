@@ -214,7 +214,7 @@ async def _read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
 
 def _version_bases(namespace: str) -> dict[str, str]:
     """ModelVersion name -> its base model URI, for the whole namespace (one list)."""
-    listed = kube().custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "modelversions")["items"]
+    listed = kube().list_custom("modelversions", namespace)
     return {
         item["metadata"]["name"]: str(((item.get("spec") or {}).get("baseModel") or {}).get("name")) for item in listed
     }
@@ -228,7 +228,7 @@ def _serverless_pool(
     if isinstance(base_model, addons.Refusal):
         return base_model
     pool = addons.pool_name(base_model)
-    listed = kube().custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "loraaddons")["items"]
+    listed = kube().list_custom("loraaddons", namespace)
     members = addons.pool_members(pool, base_model, listed, _version_bases(namespace))
     if name in {n for _, _, n in members} and addons.pool_seat(name, members) >= addons.POOL_CAPACITY:
         return addons.Refusal(
@@ -245,7 +245,7 @@ def _serverless_pool(
             "spec": addons.pool_spec(base_model, overrides),
         }
         try:
-            kube().custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "deployments", body)
+            kube().create_custom("deployments", namespace, body)
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -889,11 +889,9 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
     base_model = str(body.spec.get("baseModel") or "")
     if body.metadata.get("deletionTimestamp") or addons.pool_name(base_model) != name:
         return  # not a pool the operator made (a user's copy of the label), or already going
-    listed = await asyncio.to_thread(
-        kube().custom.list_namespaced_custom_object, GROUP, VERSION, namespace, "loraaddons"
-    )
+    listed = await asyncio.to_thread(kube().list_custom, "loraaddons", namespace)
     bases = await asyncio.to_thread(_version_bases, namespace)
-    members = addons.pool_members(name, base_model, listed["items"], bases)
+    members = addons.pool_members(name, base_model, listed, bases)
     async with aiohttp.ClientSession() as session:
         signal = (await router_signals(session, operator_settings().autoscaler)).get((namespace, name))
     last_request = _epoch(dict(body.status or {}).get("lastRequestTime"))
@@ -912,9 +910,7 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
         return
     kopf.info(body, reason="ServerlessPoolDeleted", message=f"serverless pool {name} deleted: {verdict.reason}")
     try:
-        await asyncio.to_thread(
-            kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
-        )
+        await asyncio.to_thread(kube().delete_custom, "deployments", name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise

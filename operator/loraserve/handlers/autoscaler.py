@@ -80,9 +80,7 @@ def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
 
 
 def _scale(namespace: str, name: str, replicas: int) -> None:
-    kube().custom.patch_namespaced_custom_object_scale(
-        GROUP, VERSION, namespace, "deployments", name, {"spec": {"replicas": replicas}}
-    )
+    kube().scale_custom("deployments", name, namespace, replicas)
 
 
 class Scaled:
@@ -185,9 +183,7 @@ class Scaled:
                 body, reason="IdleDeleted", message=f"no request for {idle_for:.0f}s (limit {gc_age:.0f}s): deleting"
             )
             await asyncio.sleep(1.0)  # let the Event land before the object goes
-            await asyncio.to_thread(
-                kube().custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, "deployments", name
-            )
+            await asyncio.to_thread(kube().delete_custom, "deployments", name, namespace)
             return None
         busy = load > 0 or signal.held > 0 or arrived > 0 or scaling
         meter_due = self.last_written + settings.gpu_meter_every if ips else None
