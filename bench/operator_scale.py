@@ -51,6 +51,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from loraserve.api.naming import MODEL_SERVER_PORT
+from loraserve.api.naming import LABEL_DEPLOYMENT, MODEL_SERVER_PORT, selector_labels
 from loraserve.local.cluster import REPO_ROOT, LocalCluster, free_port
 from loraserve.resources.settings import ManifestSettings
 from loraserve.settings import OperatorSettings
@@ -305,6 +306,11 @@ class Api:
             await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
         raise RuntimeError(f"POST {path}: gave up")
 
+    async def items(self, path: str, selector: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in selector.items())} if selector else {}
+        async with self.session.get(self.server + path, params=params) as resp:
+            return list((await resp.json())["items"])
+
     async def count(self, path: str) -> int:
         async with self.session.get(self.server + path, params={"limit": "1"}) as resp:
             body = await resp.json()
@@ -340,6 +346,64 @@ class Tracker:
             for key, at in self.created.items()
             if key in self.first_ready and (kind is None or key[0] == kind)
         ]
+
+
+def _at(text: str | None) -> float | None:
+    return None if not text else datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _condition_at(obj: dict[str, Any], kind: str) -> float | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return _at(c.get("lastTransitionTime"))
+    return None
+
+
+# Where a Deployment's create->READY goes, by who acts (the API server's timestamps, to the second).
+STAGES = (
+    "operator: CR created -> child apps/v1 Deployment created",
+    "controller-manager: child created -> pod created",
+    "scheduler + node agent: pod created -> pod Ready",
+    "operator: pod Ready -> CR Ready",
+    "operator: Deployment Ready -> its addon Ready",
+)
+
+
+def stage_seconds(
+    crs: list[dict[str, Any]], children: list[dict[str, Any]], pods: list[dict[str, Any]], addons: list[dict[str, Any]]
+) -> dict[str, list[float]]:
+    """Per stage (STAGES), the seconds each object spent in it (objects a stage cannot be told for are left out)."""
+    by_owner: dict[tuple[str, str], dict[str, Any]] = {}
+    for child in children:
+        labels = child["metadata"].get("labels") or {}
+        by_owner[(child["metadata"]["namespace"], labels.get(LABEL_DEPLOYMENT, ""))] = child
+    first_pod: dict[tuple[str, str], dict[str, Any]] = {}
+    for pod in sorted(pods, key=lambda p: str(p["metadata"]["creationTimestamp"]), reverse=True):
+        labels = pod["metadata"].get("labels") or {}
+        first_pod[(pod["metadata"]["namespace"], labels.get(LABEL_DEPLOYMENT, ""))] = pod  # the earliest wins
+    out: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    ready_at: dict[tuple[str, str], float] = {}
+    for cr in crs:
+        key = (cr["metadata"]["namespace"], cr["metadata"]["name"])
+        made, earliest = by_owner.get(key), first_pod.get(key)
+        marks = [
+            _at(cr["metadata"]["creationTimestamp"]),
+            _at(made["metadata"]["creationTimestamp"]) if made else None,
+            _at(earliest["metadata"]["creationTimestamp"]) if earliest else None,
+            _condition_at(earliest, "Ready") if earliest else None,
+            _condition_at(cr, "Ready"),
+        ]
+        for stage, start, end in zip(STAGES, marks, marks[1:], strict=False):
+            if start is not None and end is not None:
+                out[stage].append(end - start)
+        if marks[-1] is not None:
+            ready_at[key] = marks[-1]
+    for addon in addons:
+        start = ready_at.get((addon["metadata"]["namespace"], (addon.get("spec") or {}).get("deployment", "")))
+        end = _condition_at(addon, "Ready")
+        if start is not None and end is not None:
+            out[STAGES[-1]].append(max(0.0, end - start))
+    return out
 
 
 async def watch(api: Api, kind: str, tracker: Tracker) -> None:
@@ -537,6 +601,14 @@ async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str,
             if not creating.done():
                 creating.cancel()
             c_converged = await api.request_counts()
+            model_servers = {k: v for k, v in selector_labels("x").items() if k != LABEL_DEPLOYMENT}
+            stages = stage_seconds(
+                await api.items(f"{GROUP_PATH}/deployments"),
+                await api.items("/apis/apps/v1/deployments", model_servers),
+                await api.items("/api/v1/pods", model_servers),
+                await api.items(f"{GROUP_PATH}/loraaddons"),
+            )
+            result["stages"] = {stage: (pct(v, 0.5), pct(v, 0.99), len(v)) for stage, v in stages.items()}
             for task in watches:
                 task.cancel()
             result["converged"] = converged_at is not None
@@ -549,6 +621,8 @@ async def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str,
             own = sum(created.values()) + 2 * 2  # the creates; each watch's list + watch
             extra = sum(c_converged.values()) - sum(c_create.values()) - result["baseline_rps"] * conv_s - own
             result["converge_calls_per_object"] = extra / total
+            during = {k: (v - c_create.get(k, 0.0)) / total for k, v in c_converged.items()}
+            result["converge_top"] = sorted(during.items(), key=lambda kv: -kv[1])[: args.top + 4]
 
             # 3. idle window, once the API rate has settled (Kopf's backlog of finalizer and diffbase patches,
             # Events and status writes after a burst of creates is convergence, not idle cost)
@@ -625,6 +699,9 @@ def print_size(r: dict[str, Any]) -> None:
     for kind, name in (("deployments", "Deployments"), ("loraaddons", "LoraAddons"), ("all", "all objects")):
         p50, p99, top = r[f"lat_{kind}"]
         print(f"create->READY {name:12s} p50 {p50:7.2f} s  p99 {p99:7.2f} s  max {top:7.2f} s")
+    print("where a Deployment's create->READY went (the API server's timestamps, to the second):")
+    for stage, (p50, p99, count) in r["stages"].items():
+        print(f"    p50 {p50:6.0f} s  p99 {p99:6.0f} s  {stage} ({count})")
     per_obj = r["operator_rps"] / total
     print(f"API rate settled {r['settled_s']:.0f} s after convergence (+{r.get('settle_wait', 0):.0f} s fixed wait)")
     print(
@@ -644,6 +721,8 @@ def print_size(r: dict[str, Any]) -> None:
         f"API calls per object while creating and converging (beyond baseline and our creates): "
         f"{r['converge_calls_per_object']:.1f}"
     )
+    for (verb, resource), per_object in r["converge_top"]:
+        print(f"    {per_object:8.2f}  {verb:6s} {resource}")
     replicas, adapters = r["fake_loaded"]
     print(
         f"fake vLLM + fetcher while idle: {r['fake_rps']:.1f} requests/s ({replicas} replicas, {adapters} adapters "
