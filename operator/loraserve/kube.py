@@ -24,6 +24,9 @@ REAPPLY_SECONDS = 600.0
 # connections. Python's default, min(32, CPUs + 4) threads and 5 connections per CPU, let a 2-CPU pod make
 # 6 calls at a time, each waiting out the API server's latency: the limit of a burst of creates.
 CALLS_IN_FLIGHT = 32
+# ... and the addons' own threads (see loraserve.handlers.addon.kube_call): in a burst of creates their
+# finalizers and status writes are thousands, and must not delay the calls that create a Deployment's pods.
+ADDON_CALLS_IN_FLIGHT = 16
 
 
 def load_config() -> None:
@@ -53,7 +56,7 @@ class Kube:
         if api is None:
             # Not the process default: Kopf's login replaces that after the operator's startup handlers run.
             configuration = client.Configuration.get_default_copy()
-            configuration.connection_pool_maxsize = CALLS_IN_FLIGHT
+            configuration.connection_pool_maxsize = CALLS_IN_FLIGHT + ADDON_CALLS_IN_FLIGHT
             api = client.ApiClient(configuration)
         self.api: Any = api
         self._applied: dict[tuple[str, str, str, int], float] = {}  # owned objects written, and when

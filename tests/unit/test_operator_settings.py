@@ -107,8 +107,8 @@ def test_the_lean_essence_is_kopfs_essence() -> None:
     from loraserve.operator_main import LeanDiffBaseStorage
 
     pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
+        "apiVersion": "serving.loraserve.dev/v1alpha1",
+        "kind": "ModelVersion",
         "metadata": {
             "name": "chat-0",
             "namespace": "ns",
@@ -130,3 +130,21 @@ def test_the_lean_essence_is_kopfs_essence() -> None:
         "spec": {"containers": [{"name": "vllm", "image": "v"}]},
         "metadata": {"labels": {"app": "x"}, "annotations": {"note": "kept"}},
     }
+
+
+def test_the_essence_is_built_only_for_the_kinds_a_handler_detects_changes_of() -> None:
+    """Kinds with no on.create/update/resume handler get no essence (Kopf then finds no change, and looks for
+    none); every kind with one gets it: the list of such kinds matches the handlers registered."""
+    import kopf
+
+    from loraserve.api.crd import KINDS
+    from loraserve.operator_main import CHANGE_DETECTED_KINDS, LeanDiffBaseStorage
+
+    kinds_by_plural = {kind.plural: kind.kind for kind in KINDS}
+    detected = {kinds_by_plural[h.selector.any_name] for h in kopf.get_default_registry()._changing.get_all_handlers()}
+    assert detected == CHANGE_DETECTED_KINDS
+    storage = LeanDiffBaseStorage(prefix="serving.loraserve.dev")
+    addon = {"apiVersion": "serving.loraserve.dev/v1alpha1", "kind": "LoraAddon", "metadata": {}, "spec": {"a": 1}}
+    assert storage.build(body=kopf.Body(addon)) is None  # type: ignore[arg-type]
+    version = {**addon, "kind": "ModelVersion"}
+    assert storage.build(body=kopf.Body(version)) == {"spec": {"a": 1}}  # type: ignore[arg-type]

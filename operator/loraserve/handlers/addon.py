@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import kopf
@@ -37,13 +39,14 @@ from loraserve.handlers.load import (
     router_signals,
 )
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
-from loraserve.kube import api_error_text
+from loraserve.kube import ADDON_CALLS_IN_FLIGHT, api_error_text
 from loraserve.settings import operator_settings
 from loraserve.status import caught_up, condition, kstatus_conditions, merge_conditions, since_written, status_patch
 from loraserve.vllm.admin import AdapterLoadError, VllmAdmin, VllmError
 from loraserve.vllm.fetch_client import FetcherClient, FetchFailed
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 # An addon is looked at when it, its Deployment, its replicas or its ModelVersions change, when a request is
 # held for it, or when one of its own deadlines comes (see addons.next_look), else at its slow resync
 # (follow.resync_seconds).
@@ -127,8 +130,42 @@ class LoadedAdapters:
 LOADED = LoadedAdapters()
 
 
+# The addons' Kubernetes calls run on threads of their own, never in the queue of the Deployments' calls (their
+# children, their status): in a burst of 3,000 addons a Deployment's child was created 30 s after it, behind
+# the addons' finalizers and status writes.
+_executors: dict[asyncio.AbstractEventLoop, ThreadPoolExecutor] = {}
+
+
+async def kube_call(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` on one of the addons' threads (as asyncio.to_thread does on the loop's default ones)."""
+    loop = asyncio.get_running_loop()
+    executor = _executors.get(loop)
+    if executor is None:
+        executor = _executors[loop] = ThreadPoolExecutor(ADDON_CALLS_IN_FLIGHT, thread_name_prefix="kube-addons")
+    return await loop.run_in_executor(executor, functools.partial(contextvars.copy_context().run, call, *args))
+
+
 async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
     return await LOADED.observe(session, name, ip)
+
+
+# One connection pool for every call to the replicas (vLLM's admin API, the fetcher), each look's session
+# adding its Deployment's token: a pool per look opened a connection for every call, a tenth of the operator's
+# event loop in a burst of creates. Idle connections are closed before vLLM's server drops them (after 5 s),
+# so a call never goes out on one the server is closing.
+REPLICA_KEEPALIVE = 3.0
+_connectors: dict[asyncio.AbstractEventLoop, aiohttp.TCPConnector] = {}
+
+
+def _replica_session(namespace: str, deployment_name: str) -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    connector = _connectors.get(loop)
+    if connector is None or connector.closed:
+        connector = _connectors[loop] = aiohttp.TCPConnector(
+            limit=256, limit_per_host=16, keepalive_timeout=REPLICA_KEEPALIVE
+        )
+    auth = model_server_tokens().authorization(namespace, deployment_name)  # vLLM and the fetcher demand it
+    return aiohttp.ClientSession(headers=auth, connector=connector, connector_owner=False)
 
 
 @contextlib.asynccontextmanager
@@ -139,8 +176,7 @@ async def _asked_afresh(
     it did not answer), and the session to act on them with."""
     ready = ready_replicas(pods)
     LOADED.forget({pod for pod, _ in ready})
-    auth = model_server_tokens().authorization(namespace, deployment_name)
-    async with aiohttp.ClientSession(headers=auth) as session:
+    async with _replica_session(namespace, deployment_name) as session:
         yield session, list(await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready)))
 
 
@@ -209,7 +245,7 @@ async def _read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
     watched = deployments.followed(namespace, name)
     if watched is not None:
         return {"spec": dict(watched.spec)}  # live: Kopf keeps it current
-    return await asyncio.to_thread(kube().get_custom, "deployments", name, namespace)
+    return await kube_call(kube().get_custom, "deployments", name, namespace)
 
 
 def _version_bases(namespace: str) -> dict[str, str]:
@@ -318,7 +354,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, An
         return refuse("InvalidSpec", message)
     versions = await _read_versions(namespace, spec)
     if spec.deployment is None:
-        seat = await asyncio.to_thread(_serverless_pool, name, namespace, spec, versions)
+        seat = await kube_call(_serverless_pool, name, namespace, spec, versions)
         if isinstance(seat, addons.Refusal):
             return refuse(seat.reason, seat.message)
         deployment_name = seat
@@ -376,9 +412,8 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, An
 
     pods = await observed_pods(namespace, deployment_name)
     fetcher_port = settings.manifests.fetcher_port
-    auth = model_server_tokens().authorization(namespace, deployment_name)  # vLLM and the fetcher demand it
     backoff: Backoff = memo.setdefault("backoff", {})
-    async with aiohttp.ClientSession(headers=auth) as session:
+    async with _replica_session(namespace, deployment_name) as session:
         observed = await asyncio.gather(*(_observe(session, n, ip) for n, ip in ready_replicas(pods)))
         replicas = [r for r in observed if r is not None]
         if replicas:  # kept warm means loaded somewhere: a version that never loaded is not listed as warm
@@ -514,7 +549,7 @@ class Followed:
             if FINALIZER not in finalizers and self.memo.get("finalizer") != body.metadata.get("resourceVersion"):
                 version = str(body.metadata.get("resourceVersion"))
                 try:
-                    await asyncio.to_thread(
+                    await kube_call(
                         kube().set_finalizers, "loraaddons", name, namespace, [*finalizers, FINALIZER], version
                     )
                     self.memo["finalizer"] = version  # added onto this version: its event brings it back
@@ -524,7 +559,7 @@ class Followed:
                     self.seen = ()  # changed meanwhile: its event wakes the next look, which adds it
             due = await reconcile_addon(body, patch, self.memo)
             if patch.status:
-                await asyncio.to_thread(
+                await kube_call(
                     kube().patch_custom_status, "loraaddons", name, namespace, {"status": dict(patch.status)}
                 )
                 self.memo.setdefault("written", {}).update(patch.status)  # see since_written
@@ -568,7 +603,7 @@ async def _release(namespace: str, name: str, body: kopf.Body) -> None:
         if obj is None or FINALIZER not in finalizers:
             return
         try:
-            await asyncio.to_thread(
+            await kube_call(
                 kube().set_finalizers,
                 "loraaddons",
                 name,
@@ -583,7 +618,7 @@ async def _release(namespace: str, name: str, body: kopf.Body) -> None:
             if exc.status != 409:
                 LOG.warning(f"finalizer of deleted addon {namespace}/{name} not removed: {api_error_text(exc)}")
                 return
-        obj = await asyncio.to_thread(kube().get_custom, "loraaddons", name, namespace)
+        obj = await kube_call(kube().get_custom, "loraaddons", name, namespace)
 
 
 # (namespace, name) -> the addon this operator follows; added on its first event, removed when it is deleted.
@@ -629,6 +664,12 @@ async def stop_looks(**_: Any) -> None:
     await asyncio.gather(*(f.looks.stop(STOP_GRACE) for f in followed))
     await asyncio.gather(*(f.finalizing for f in followed if f.finalizing is not None), return_exceptions=True)
     _HANDLER_CONTEXT.clear()  # holds this run's Event queue
+    connector = _connectors.pop(asyncio.get_running_loop(), None)
+    if connector is not None:
+        await connector.close()
+    executor = _executors.pop(asyncio.get_running_loop(), None)
+    if executor is not None:
+        executor.shutdown(wait=False)
 
 
 # Adapter versions per Deployment, for the OverCapacity condition: (namespace, deployment) -> count, kept
@@ -809,7 +850,7 @@ deployments.VERSION_LISTENERS.append(_version_changed)
 async def _unload_addon(namespace: str, deployment_name: str, name: str) -> None:
     """Every version of addon `name` off every ready replica of `deployment_name` (best effort: a replica
     that does not answer keeps it until it restarts)."""
-    pods = await asyncio.to_thread(kube().list_pods, namespace, selector_labels(deployment_name))
+    pods = await kube_call(kube().list_pods, namespace, selector_labels(deployment_name))
     fetcher_port = operator_settings().manifests.fetcher_port
     async with _asked_afresh(namespace, deployment_name, pods) as (session, replicas):  # nothing of it may stay
         for replica in replicas:
@@ -820,7 +861,7 @@ async def _unload_addon(namespace: str, deployment_name: str, name: str) -> None
 
 # -- adapters nobody owns any more ---------------------------------------------------------------------------
 @kopf.index(GROUP, VERSION, "loraaddons")
-def addon_placements(
+async def addon_placements(
     namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> dict[tuple[str, str], str]:
     """(namespace, addon) -> the Deployment it is served on ("" while a serverless addon is not seated). Kopf
@@ -889,8 +930,8 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
     base_model = str(body.spec.get("baseModel") or "")
     if body.metadata.get("deletionTimestamp") or addons.pool_name(base_model) != name:
         return  # not a pool the operator made (a user's copy of the label), or already going
-    listed = await asyncio.to_thread(kube().list_custom, "loraaddons", namespace)
-    bases = await asyncio.to_thread(_version_bases, namespace)
+    listed = await kube_call(kube().list_custom, "loraaddons", namespace)
+    bases = await kube_call(_version_bases, namespace)
     members = addons.pool_members(name, base_model, listed, bases)
     async with aiohttp.ClientSession() as session:
         signal = (await router_signals(session, operator_settings().autoscaler)).get((namespace, name))
@@ -910,7 +951,7 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
         return
     kopf.info(body, reason="ServerlessPoolDeleted", message=f"serverless pool {name} deleted: {verdict.reason}")
     try:
-        await asyncio.to_thread(kube().delete_custom, "deployments", name, namespace)
+        await kube_call(kube().delete_custom, "deployments", name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise
