@@ -217,6 +217,8 @@ class LocalCluster:
             "--use-service-account-credentials=false",
             # Fake nodes heartbeat every few seconds; do not evict their pods on a brief pause of the agent.
             "--node-monitor-grace-period=60s",
+            # A cluster sized for a thousand Deployments created at once: at the default 20 calls a second the
+            # controller-manager's ReplicaSets and pods are the queue, not the operator under test.
             "--kube-api-qps=500",
             "--kube-api-burst=1000",
             "--v=1",
