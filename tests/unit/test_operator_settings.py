@@ -148,3 +148,22 @@ def test_the_essence_is_built_only_for_the_kinds_a_handler_detects_changes_of() 
     assert storage.build(body=kopf.Body(addon)) is None  # type: ignore[arg-type]
     version = {**addon, "kind": "ModelVersion"}
     assert storage.build(body=kopf.Body(version)) == {"spec": {"a": 1}}  # type: ignore[arg-type]
+
+
+@pytest.mark.looptime
+async def test_freed_memory_goes_back_to_the_system_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocator's free pages are returned (malloc_trim) every TRIM_SECONDS, off the event loop; where the C
+    library has no malloc_trim, nothing runs."""
+    import asyncio
+
+    from loraserve import operator_main
+
+    assert operator_main.malloc_trim() is not None  # glibc: the operator image's and this machine's
+    calls: list[float] = []
+    monkeypatch.setattr(operator_main, "malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    task = asyncio.create_task(operator_main._give_back_freed_memory(operator_main.TRIM_SECONDS))
+    await asyncio.sleep(operator_main.TRIM_SECONDS * 3 + 1)
+    assert calls == [0, 0, 0]
+    task.cancel()
+    monkeypatch.setattr(operator_main, "malloc_trim", lambda: None)
+    await asyncio.wait_for(operator_main._give_back_freed_memory(operator_main.TRIM_SECONDS), 1)  # returns at once
