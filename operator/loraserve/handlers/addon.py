@@ -930,8 +930,9 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
     base_model = str(body.spec.get("baseModel") or "")
     if body.metadata.get("deletionTimestamp") or addons.pool_name(base_model) != name:
         return  # not a pool the operator made (a user's copy of the label), or already going
-    listed = await kube_call(kube().list_custom, "loraaddons", namespace)
-    bases = await kube_call(_version_bases, namespace)
+    # a Deployment's timer: its calls go with the Deployments' (the loop's default threads), not the addons'
+    listed = await asyncio.to_thread(kube().list_custom, "loraaddons", namespace)
+    bases = await asyncio.to_thread(_version_bases, namespace)
     members = addons.pool_members(name, base_model, listed, bases)
     async with aiohttp.ClientSession() as session:
         signal = (await router_signals(session, operator_settings().autoscaler)).get((namespace, name))
@@ -951,7 +952,7 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
         return
     kopf.info(body, reason="ServerlessPoolDeleted", message=f"serverless pool {name} deleted: {verdict.reason}")
     try:
-        await kube_call(kube().delete_custom, "deployments", name, namespace)
+        await asyncio.to_thread(kube().delete_custom, "deployments", name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise
