@@ -55,7 +55,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Kopf lists each kind when it starts, and again when a watch resumes too late (410 Gone: under load the
     # API server's watch cache keeps only the last minutes). In one response, 10,000 addons were 30 MB of JSON
     # and every object decoded at once, held for the 4 minutes the busy operator took to read and hand them on
-    # at 1,000 Deployments: its memory high-water mark. In pages, one page is in memory at a time.
+    # at 1,000 Deployments: its memory high-water mark. In pages, one response is decoded at a time.
     settings.watching.chunk_size = LIST_PAGE
     settings.networking.request_timeout = 30
 
