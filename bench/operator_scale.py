@@ -714,7 +714,7 @@ def print_size(r: dict[str, Any]) -> None:
     meter_every = OperatorSettings.from_env().autoscaler.gpu_meter_every
     shorter = "; the window is shorter than that" if r["idle_s"] < meter_every else ""
     print(
-        f"    (by design: the GPU meter's status write, once per ready Deployment every {meter_every:.0f} s, "
+        f"    (by design: the GPU meter's status write, once per ready Deployment about every {meter_every:.0f} s, "
         f"{r['n'] / meter_every:.2f}/s here on average{shorter})"
     )
     print(

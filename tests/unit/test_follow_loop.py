@@ -11,7 +11,7 @@ import contextvars
 import pytest
 from kopf._cogs.aiokits.aioenums import AsyncFlagWaiter, FlagSetter
 
-from loraserve.handlers.follow import Looks, follow
+from loraserve.handlers.follow import Looks, follow, spread
 
 COALESCE = 0.2
 
@@ -167,3 +167,12 @@ async def test_looks_run_in_the_context_they_were_made_in_whoever_wakes_them() -
     looks.wake()  # from here: another task's context (e.g. the routers' scraper)
     await idle(400)
     assert seen == ["handler", "handler"]
+
+
+def test_a_period_is_spread_so_objects_created_together_come_due_apart() -> None:
+    # e.g. the GPU meter's status write of 1,000 Deployments that became ready in one GitOps sync
+    periods = [spread(300.0) for _ in range(1000)]
+    assert all(240.0 <= p <= 360.0 for p in periods)
+    # the whole band is used, not one value
+    assert min(periods) < 250.0
+    assert max(periods) > 350.0

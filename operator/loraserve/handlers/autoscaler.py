@@ -26,7 +26,7 @@ from loraserve.autoscale.policy import GpuMeter, ScalingPolicy, ScalingSettings,
 from loraserve.autoscale.signals import RouterSignal
 from loraserve.durations import parse_window
 from loraserve.handlers.deployment import COMPANIONS, POD_LISTENERS, kube, observed_pods
-from loraserve.handlers.follow import Looks
+from loraserve.handlers.follow import Looks, spread
 from loraserve.handlers.load import (
     SCRAPE_LISTENERS,
     latest_signals,
@@ -102,12 +102,15 @@ class Scaled:
         # What the operator last asked for: a higher spec.replicas than this was set from outside (a wake-up).
         self.last_applied = int(status.get("desiredReplicas") or 0)
         self.last_written = 0.0
+        self.meter_every: float | None = None  # gpu_meter_every, spread (drawn again after each write)
         self.written: dict[str, Any] = {}
 
     async def look(self, _: bool) -> float | None:
         body, name, namespace, logger = self.body, self.name, self.namespace, self.logger
         settings = operator_settings().autoscaler
         now = time.time()
+        if self.meter_every is None:
+            self.meter_every = spread(settings.gpu_meter_every)
         try:
             spec = DeploymentSpec.model_validate(dict(body.spec))
         except ValidationError:
@@ -166,14 +169,16 @@ class Scaled:
             # Rounded up to the second status keeps: a successor's zero clock is never earlier.
             new_status["lastRequestTime"] = _iso(math.ceil(policy.last_request_time))
         changed = {k: v for k, v in new_status.items() if self.written.get(k) != v}
-        # The meter alone moves on every look: it rides along with another change, or every gpu_meter_every.
-        if changed or now - self.last_written >= settings.gpu_meter_every:
+        # The meter alone moves on every look: it rides along with another change, or about every
+        # gpu_meter_every, spread so that Deployments that became ready together do not write together.
+        if changed or now - self.last_written >= self.meter_every:
             if self.written.get("gpuSeconds") != (gpu := round(meter.total, 1)):
                 changed["gpuSeconds"] = gpu
             if changed:
                 await asyncio.to_thread(_patch_status, namespace, name, changed)
                 self.written.update(changed)
             self.last_written = now
+            self.meter_every = spread(settings.gpu_meter_every)
         gc_age = parse_window(spec.idle_delete_after) if spec.idle_delete_after else settings.idle_delete_after
         keep = (body.metadata.annotations or {}).get(KEEP_ANNOTATION) == "true"
         gc_at = idle_gc_at(policy.last_request_time, self.created, spec.min_replicas, keep, gc_age)
@@ -186,8 +191,9 @@ class Scaled:
             await asyncio.to_thread(kube().delete_custom, "deployments", name, namespace)
             return None
         busy = load > 0 or signal.held > 0 or arrived > 0 or scaling
-        meter_due = self.last_written + settings.gpu_meter_every if ips else None
-        return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), RESYNC_SECONDS)
+        meter_due = self.last_written + self.meter_every if ips else None
+        resync = max(RESYNC_SECONDS, self.meter_every)  # a meter period past the resync is one look, not two
+        return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), resync)
 
     async def stopped(self) -> None:
         """Its Deployment's daemon ended (the looks have): nothing of it stays, and what the meter counted since

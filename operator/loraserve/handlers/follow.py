@@ -17,10 +17,14 @@ LOG = logging.getLogger(__name__)
 RESYNC_SECONDS = 600.0
 
 
+def spread(seconds: float) -> float:
+    """`seconds` spread by +-20 %: a period of objects created together (a GitOps sync, an operator restart)
+    drifts apart, instead of coming due for all of them in one wave of API calls."""
+    return seconds * random.uniform(0.8, 1.2)
+
+
 def resync_seconds() -> float:
-    """RESYNC_SECONDS spread by +-20 %: objects created together (a GitOps sync, an operator restart) resync
-    apart, not in one wave of API calls."""
-    return RESYNC_SECONDS * random.uniform(0.8, 1.2)
+    return spread(RESYNC_SECONDS)
 
 
 async def follow(stopped: kopf.DaemonStopped, looks: Sequence[Looks], grace: float) -> None:
