@@ -153,9 +153,6 @@ class Kube:
         version = str(listed["metadata"].get("resourceVersion") or "0")
         return list(listed.get("items") or []), int(version) if version.isdigit() else 0
 
-    def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
-        return list(_json(self._call("GET", _custom(namespace, plural))).get("items") or [])
-
     def get_custom(self, plural: str, name: str, namespace: str) -> dict[str, Any] | None:
         return self._get(f"{_custom(namespace, plural)}/{name}")
 

@@ -248,44 +248,93 @@ async def _read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
     return await kube_call(kube().get_custom, "deployments", name, namespace)
 
 
-def _version_bases(namespace: str) -> dict[str, str]:
-    """ModelVersion name -> its base model URI, for the whole namespace (one list)."""
-    listed = kube().list_custom("modelversions", namespace)
+# -- the serverless pools' seats -----------------------------------------------------------------------------
+def _is_serverless(spec: kopf.Spec, **_: Any) -> bool:
+    return not spec.get("deployment")
+
+
+@kopf.index(GROUP, VERSION, "loraaddons", when=_is_serverless)
+async def serverless_addons(
+    namespace: str | None, name: str | None, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> dict[str, dict[str, Any]]:
+    """namespace -> each serverless addon (no spec.deployment), as much of it as seating reads. The pools'
+    seats and their GC read this instead of listing every addon of the namespace: among 10,000 addons, that was
+    a 30 MB list at each look of a serverless addon and every 10 s per pool. Kopf fills it from the full
+    listing before any other handler runs, so the GC never takes a pool for empty before its addons are read."""
     return {
-        item["metadata"]["name"]: str(((item.get("spec") or {}).get("baseModel") or {}).get("name")) for item in listed
+        namespace or "": {
+            "metadata": {
+                "name": name,
+                "creationTimestamp": meta.get("creationTimestamp"),
+                "deletionTimestamp": meta.get("deletionTimestamp"),
+            },
+            "spec": {"targets": [{"modelVersion": t.get("modelVersion")} for t in spec.get("targets") or []]},
+            "status": {"deployment": status.get("deployment")},
+        }
     }
 
 
-def _serverless_pool(
-    name: str, namespace: str, spec: LoraAddonSpec, versions: dict[str, ModelVersionSpec | None]
+async def _pool_members(
+    namespace: str, pool: str, base_model: str, serverless: kopf.Index[str, dict[str, Any]]
+) -> list[tuple[bool, str, str]]:
+    """The pool's members (see addons.pool_members), from the index. Where this operator seated an addon more
+    recently than the addon's last event shows, its own write counts: a watch running behind never gives a
+    seat twice."""
+    items = []
+    for item in serverless.get(namespace, ()):
+        followed = _followed.get((namespace, item["metadata"]["name"]))
+        if followed is not None and followed.served_on != item["status"]["deployment"]:
+            item = {**item, "status": {"deployment": followed.served_on}}
+        items.append(item)
+    unseated = {
+        str(t["modelVersion"]) for item in items if not item["status"]["deployment"] for t in item["spec"]["targets"]
+    }
+    bases = {}
+    for version in unseated:
+        obj = await observed_version(namespace, version)  # watch-fed; asked only when never seen
+        if obj is not None:
+            bases[version] = str(((obj.get("spec") or {}).get("baseModel") or {}).get("name"))
+    return addons.pool_members(pool, base_model, items, bases)
+
+
+async def _serverless_pool(
+    name: str,
+    namespace: str,
+    spec: LoraAddonSpec,
+    versions: dict[str, ModelVersionSpec | None],
+    serverless: kopf.Index[str, dict[str, Any]],
 ) -> str | addons.Refusal:
     """The shared pool Deployment for the addon's base model (created on first use), or why not."""
     base_model = addons.pool_base(spec, versions)
     if isinstance(base_model, addons.Refusal):
         return base_model
     pool = addons.pool_name(base_model)
-    listed = kube().list_custom("loraaddons", namespace)
-    members = addons.pool_members(pool, base_model, listed, _version_bases(namespace))
+    members = await _pool_members(namespace, pool, base_model, serverless)
     if name in {n for _, _, n in members} and addons.pool_seat(name, members) >= addons.POOL_CAPACITY:
         return addons.Refusal(
             "ServerlessPoolFull",
             f"the serverless pool {pool} already serves {addons.POOL_CAPACITY} addons; give this addon its own "
             "Deployment (spec.deployment)",
         )
-    if kube().get_custom("deployments", pool, namespace) is None:
-        overrides = dict(operator_settings().serverless_pool_spec)
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Deployment",
-            "metadata": {"name": pool, "labels": {POOL_LABEL: "true"}},
-            "spec": addons.pool_spec(base_model, overrides),
-        }
-        try:
-            kube().create_custom("deployments", namespace, body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
+    if deployments.followed(namespace, pool) is None:
+        await kube_call(_create_pool, namespace, pool, base_model)
     return pool
+
+
+def _create_pool(namespace: str, pool: str, base_model: str) -> None:
+    if kube().get_custom("deployments", pool, namespace) is not None:
+        return
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Deployment",
+        "metadata": {"name": pool, "labels": {POOL_LABEL: "true"}},
+        "spec": addons.pool_spec(base_model, dict(operator_settings().serverless_pool_spec)),
+    }
+    try:
+        kube().create_custom("deployments", namespace, body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 def _set_status(patch: kopf.Patch, previous: dict[str, Any], status: dict[str, Any], body: kopf.Body) -> None:
@@ -331,9 +380,11 @@ def _rollback(
     return decision
 
 
-async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, Any]) -> float | None:
+async def reconcile_addon(
+    body: kopf.Body, patch: kopf.Patch, memo: dict[str, Any], serverless: kopf.Index[str, dict[str, Any]]
+) -> float | None:
     """Observe, decide, execute; returns the seconds until the addon must be looked at again when nothing
-    wakes it sooner (None: only when woken)."""
+    wakes it sooner (None: only when woken). `serverless` is the index of the serverless addons."""
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     generation = int(body.metadata.get("generation") or 0)
     previous = since_written(body, memo.get("written"))
@@ -354,7 +405,7 @@ async def reconcile_addon(body: kopf.Body, patch: kopf.Patch, memo: dict[str, An
         return refuse("InvalidSpec", message)
     versions = await _read_versions(namespace, spec)
     if spec.deployment is None:
-        seat = await kube_call(_serverless_pool, name, namespace, spec, versions)
+        seat = await _serverless_pool(name, namespace, spec, versions, serverless)
         if isinstance(seat, addons.Refusal):
             return refuse(seat.reason, seat.message)
         deployment_name = seat
@@ -488,9 +539,10 @@ class Followed:
     """A LoraAddon the operator follows: its latest body (from its watch events), its state between looks
     (written status, backoff, rollback window), and its looks. No task of its own while idle."""
 
-    def __init__(self, key: tuple[str, str], raw: kopf.RawBody) -> None:
+    def __init__(self, key: tuple[str, str], raw: kopf.RawBody, serverless: kopf.Index[str, dict[str, Any]]) -> None:
         self._keep(raw)
         self.namespace, self.name = key
+        self.serverless = serverless  # Kopf's index of the serverless addons (one for the operator's life)
         self.memo: dict[str, Any] = {}
         self.seen: tuple[Any, ...] = ()
         self.served_on: str | None = None
@@ -557,7 +609,7 @@ class Followed:
                     if exc.status != 409:
                         raise
                     self.seen = ()  # changed meanwhile: its event wakes the next look, which adds it
-            due = await reconcile_addon(body, patch, self.memo)
+            due = await reconcile_addon(body, patch, self.memo, self.serverless)
             if patch.status:
                 await kube_call(
                     kube().patch_custom_status, "loraaddons", name, namespace, {"status": dict(patch.status)}
@@ -645,8 +697,8 @@ def _place(key: tuple[str, str], followed: Followed, deployment_name: str | None
 STOP_GRACE = 20.0
 
 
-def _follow(key: tuple[str, str], raw: kopf.RawBody) -> Followed:
-    followed = _followed[key] = Followed(key, raw)
+def _follow(key: tuple[str, str], raw: kopf.RawBody, serverless: kopf.Index[str, dict[str, Any]]) -> Followed:
+    followed = _followed[key] = Followed(key, raw, serverless)
     _place(key, followed, (raw.get("spec") or {}).get("deployment") or (raw.get("status") or {}).get("deployment"))
     return followed
 
@@ -724,13 +776,14 @@ async def loraaddon_event(
     followed = _followed.get(key)
     if deleted or body.metadata.get("deletionTimestamp"):
         if followed is None and not deleted and FINALIZER in (body.metadata.get("finalizers") or []):
-            followed = _follow(key, event["object"])  # its deletion began while no operator was acting
+            # its deletion began while no operator was acting
+            followed = _follow(key, event["object"], kwargs["serverless_addons"])
         if followed is not None:
             followed.update(event)
             _finalize(followed)
         return
     if followed is None:
-        followed = _follow(key, event["object"])
+        followed = _follow(key, event["object"], kwargs["serverless_addons"])
     followed.update(event)
     seen = (
         body.metadata.get("generation"),
@@ -923,17 +976,14 @@ POOL_GC_SECONDS = 10.0
 
 
 @kopf.timer(GROUP, VERSION, "deployments", interval=POOL_GC_SECONDS, labels={POOL_LABEL: "true"})
-async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **kwargs: Any) -> None:
     """A serverless pool with no addon left and no traffic is deleted (an Event first); never while any addon
     is seated in it or any request is in flight, held or recent. The next serverless addon creates it again."""
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     base_model = str(body.spec.get("baseModel") or "")
     if body.metadata.get("deletionTimestamp") or addons.pool_name(base_model) != name:
         return  # not a pool the operator made (a user's copy of the label), or already going
-    # a Deployment's timer: its calls go with the Deployments' (the loop's default threads), not the addons'
-    listed = await asyncio.to_thread(kube().list_custom, "loraaddons", namespace)
-    bases = await asyncio.to_thread(_version_bases, namespace)
-    members = addons.pool_members(name, base_model, listed, bases)
+    members = await _pool_members(namespace, name, base_model, kwargs["serverless_addons"])
     async with aiohttp.ClientSession() as session:
         signal = (await router_signals(session, operator_settings().autoscaler)).get((namespace, name))
     last_request = _epoch(dict(body.status or {}).get("lastRequestTime"))
