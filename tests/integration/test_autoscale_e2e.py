@@ -124,6 +124,8 @@ def test_scale_up_down_to_zero_wake_and_idle_gc(
             thread.join()
     assert not errors, errors[:3]
     assert "ScaleUp" in cr(cluster, ns, "auto")["status"]["scaleReason"]
+    scaled_up = [line.split() for line in events(cluster, ns, "auto").splitlines() if "-> 2 replicas" in line]
+    assert [line[2] for line in scaled_up] == ["Scaled"]  # one Event, not a second one of the operator's log line
 
     # Traffic stopped: down to 1 after the down-window (never to 0 before the zero-window).
     wait_for(lambda: replicas(cluster, ns, "auto") == 1, timeout=120, message="scale down to 1")

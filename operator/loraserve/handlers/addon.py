@@ -1006,4 +1006,4 @@ async def serverless_pool_gc(body: kopf.Body, logger: kopf.Logger, **kwargs: Any
     except ApiException as exc:
         if exc.status != 404:
             raise
-    logger.info(f"deleted serverless pool {name}: {verdict.reason}")
+    logger.info(f"deleted serverless pool {name}: {verdict.reason}", extra={"k8s_skip": True})  # Event above

@@ -156,7 +156,7 @@ class Scaled:
             SCALE_DECISIONS.labels(namespace, name, decision.reason.value).inc()
             message = f"{current} -> {decision.replicas} replicas: {decision.reason.value} (load {load:g})"
             kopf.info(body, reason="Scaled", message=message)
-            logger.info(message)
+            logger.info(message, extra={"k8s_skip": True})  # logged; posted once, as the Event above
             new_status.update(
                 lastScaleTime=_iso(now), scaleReason=f"{decision.reason.value}: {decision.message}".rstrip(": ")
             )
