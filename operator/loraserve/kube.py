@@ -27,6 +27,8 @@ CALLS_IN_FLIGHT = 32
 # ... and the addons' own threads (see loraserve.handlers.addon.kube_call): in a burst of creates their
 # finalizers and status writes are thousands, and must not delay the calls that create a Deployment's pods.
 ADDON_CALLS_IN_FLIGHT = 16
+# ... and the Services' (see loraserve.handlers.deployment.SERVICE_THREADS).
+SERVICE_CALLS_IN_FLIGHT = 4
 
 
 def load_config() -> None:
@@ -56,7 +58,7 @@ class Kube:
         if api is None:
             # Not the process default: Kopf's login replaces that after the operator's startup handlers run.
             configuration = client.Configuration.get_default_copy()
-            configuration.connection_pool_maxsize = CALLS_IN_FLIGHT + ADDON_CALLS_IN_FLIGHT
+            configuration.connection_pool_maxsize = CALLS_IN_FLIGHT + ADDON_CALLS_IN_FLIGHT + SERVICE_CALLS_IN_FLIGHT
             api = client.ApiClient(configuration)
         self.api: Any = api
         self._applied: dict[tuple[str, str, str, int], float] = {}  # owned objects written, and when

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -39,6 +37,7 @@ from loraserve.handlers.load import (
     router_signals,
 )
 from loraserve.handlers.metrics import record_adapter_load, record_adapter_load_failure
+from loraserve.handlers.threads import Threads
 from loraserve.kube import ADDON_CALLS_IN_FLIGHT, api_error_text
 from loraserve.settings import operator_settings
 from loraserve.status import caught_up, condition, kstatus_conditions, merge_conditions, since_written, status_patch
@@ -133,16 +132,8 @@ LOADED = LoadedAdapters()
 # The addons' Kubernetes calls run on threads of their own, never in the queue of the Deployments' calls (their
 # children, their status): in a burst of 3,000 addons a Deployment's child was created 30 s after it, behind
 # the addons' finalizers and status writes.
-_executors: dict[asyncio.AbstractEventLoop, ThreadPoolExecutor] = {}
-
-
-async def kube_call(call: Callable[..., T], *args: Any) -> T:
-    """`call(*args)` on one of the addons' threads (as asyncio.to_thread does on the loop's default ones)."""
-    loop = asyncio.get_running_loop()
-    executor = _executors.get(loop)
-    if executor is None:
-        executor = _executors[loop] = ThreadPoolExecutor(ADDON_CALLS_IN_FLIGHT, thread_name_prefix="kube-addons")
-    return await loop.run_in_executor(executor, functools.partial(contextvars.copy_context().run, call, *args))
+ADDON_THREADS = Threads(ADDON_CALLS_IN_FLIGHT, "kube-addons")
+kube_call = ADDON_THREADS.call
 
 
 async def _observe(session: aiohttp.ClientSession, name: str, ip: str) -> addons.Replica | None:
@@ -719,9 +710,7 @@ async def stop_looks(**_: Any) -> None:
     connector = _connectors.pop(asyncio.get_running_loop(), None)
     if connector is not None:
         await connector.close()
-    executor = _executors.pop(asyncio.get_running_loop(), None)
-    if executor is not None:
-        executor.shutdown(wait=False)
+    ADDON_THREADS.shutdown()
 
 
 # Adapter versions per Deployment, for the OverCapacity condition: (namespace, deployment) -> count, kept
