@@ -54,7 +54,11 @@ STOP_GRACE = 8.0  # the daemon stopping: the look under way ends, or is cancelle
 
 async def _replica_load(session: aiohttp.ClientSession, ips: list[str]) -> float | None:
     """Requests running and waiting on the ready replicas; None when one of them did not answer (a busy CPU
-    replica can miss the timeout: that is not a load of zero)."""
+    replica can miss the timeout: that is not a load of zero), or when none is ready: a replica can leave ready
+    under load (a missed readiness probe), and read as 0 while the routers' scrape also went unanswered, that
+    would reset the up-window of a Deployment under load. The routers' count alone is the load then."""
+    if not ips:
+        return None
 
     async def one(ip: str) -> float | None:
         try:
