@@ -142,9 +142,11 @@ class Scaled:
         known = [x for x in (signal.in_flight if routers_answered() else None, replica_load) if x is not None]
         if not known:
             # Neither the routers nor the replicas answered: no sample, rather than a load of zero that would
-            # reset the up-window or start the down-window. Asked again next tick.
+            # reset the up-window or start the down-window. Asked again next tick; with no replica ready, when one
+            # becomes ready or the routers see traffic for it (both wake this), not every tick while the routers
+            # are unreachable.
             logger.debug(f"{namespace}/{name}: load not known (no answer from the routers or the replicas)")
-            return settings.tick
+            return settings.tick if ips else RESYNC_SECONDS
         load = max(known)
         previous_total, self.requests_total = self.requests_total, signal.requests_total
         arrived = 0 if previous_total is None else int(signal.requests_total - previous_total)
