@@ -50,8 +50,8 @@ def test_no_router_no_signal() -> None:
 
 
 def test_a_replica_that_does_not_answer_is_not_a_load_of_zero() -> None:
-    """A busy CPU replica can miss the metrics timeout, or its readiness probe (then no replica is ready); read
-    as 0 either reset the up-window under load."""
+    """A busy CPU replica can miss the metrics timeout (read as 0, that reset the up-window under load), or its
+    readiness probe (then no replica is ready, which says no more about the load)."""
 
     async def scenario() -> tuple[float | None, float | None]:
         async with aiohttp.ClientSession() as session:
