@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -459,47 +460,86 @@ def test_scales_up_to_two_under_load_and_back_to_one(product: Product, user_name
 
 def streams_survive_their_replica_being_deleted(product: Product, ns: str, model: str) -> None:
     """A replica deleted (a node drain, an eviction, a scale-down) while it streams: its preStop hook drains
-    it, so the streams it started finish whole, and the router sends nothing new to it meanwhile."""
-    tokens = 200
-    chunks = [0, 0]
-    generated = [0, 0]  # completion tokens in each stream's final usage chunk: only a whole stream has one
-    errors: list[Exception] = []
+    it, so the streams it started finish whole, and the router sends nothing new to it meanwhile.
 
-    def stream(i: int) -> None:
+    A 200-token stream of the tiny model lasts about 2 s on CPU, and vLLM's /metrics may take more than 1 s to
+    answer while it generates. So a look can miss the streams; then they are checked whole and started again."""
+    tokens = 200
+    tries = 5
+    for _ in range(tries):
+        pods = get(product, ns, "pods", "-l", "serving.loraserve.dev/deployment=multi")["items"]
+        ips = {p["metadata"]["name"]: p["status"].get("podIP") for p in pods}
+        streams = Streams(product, model, tokens, count=2)
+        wait_for(streams.flowing, timeout=120, interval=0.05, message="both streams flowing")
+        assert not streams.errors, streams.errors
+        busy = replica_while_streaming(ips, streams)
+        if busy is None:  # they ended before a look saw them: whole all the same, and no replica deleted
+            streams.join()
+            assert not streams.errors, streams.errors
+            assert streams.generated == [tokens, tokens]
+            continue
+        product.cluster.kubectl("delete", "pod", busy, "-n", ns, "--wait=false")
+        during = complete(product, model)  # a new request meanwhile goes to the replica that stays
+        streams.join()
+        assert not streams.errors, streams.errors
+        assert streams.generated == [tokens, tokens]  # whole: the deleted replica finished what it had started
+        assert during[1]
+        return
+    raise AssertionError(f"in {tries} tries the streams always ended before a replica's metrics showed them")
+
+
+class Streams:
+    """`count` greedy streams of `tokens` tokens each through the router, each on a thread of its own."""
+
+    def __init__(self, product: Product, model: str, tokens: int, count: int) -> None:
+        self.chunks = [0] * count
+        self.generated = [0] * count  # completion tokens in each stream's final usage chunk: only a whole one has it
+        self.errors: list[Exception] = []
+        self._product, self._model, self._tokens = product, model, tokens
+        self._threads = [threading.Thread(target=self._stream, args=(i,)) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _stream(self, i: int) -> None:
         try:
-            for chunk in client(product).completions.create(
-                model=model,
+            for chunk in client(self._product).completions.create(
+                model=self._model,
                 prompt=PROMPT,
-                max_tokens=tokens,
+                max_tokens=self._tokens,
                 temperature=0,
                 stream=True,
                 stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True},
             ):
-                chunks[i] += 1
+                self.chunks[i] += 1
                 if chunk.usage is not None:
-                    generated[i] = chunk.usage.completion_tokens
+                    self.generated[i] = chunk.usage.completion_tokens
         except Exception as exc:
-            errors.append(exc)
+            self.errors.append(exc)
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    wait_for(lambda: min(chunks) >= 1 or errors, timeout=120, interval=0.05, message="both streams flowing")
+    def flowing(self) -> bool:
+        """Every stream has had a chunk, or one failed."""
+        return min(self.chunks) >= 1 or bool(self.errors)
 
-    def serving() -> dict[str, Any] | None:  # vLLM's gauges may trail the first token by a moment
-        pods = get(product, ns, "pods", "-l", "serving.loraserve.dev/deployment=multi")["items"]
-        return next((p for p in pods if vllm_load(p["status"].get("podIP")) > 0), None)
+    @property
+    def in_flight(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
 
-    assert not errors, errors
-    busy = wait_for(serving, timeout=30, interval=0.1, message="a replica with the streams in flight")
-    product.cluster.kubectl("delete", "pod", busy["metadata"]["name"], "-n", ns, "--wait=false")
-    during = complete(product, model)  # a new request meanwhile goes to the replica that stays
-    for thread in threads:
-        thread.join(300)
-    assert not errors, errors
-    assert generated == [tokens, tokens]  # whole: the deleted replica finished what it had started
-    assert during[1]
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join(300)
+
+
+def replica_while_streaming(ips: dict[str, str | None], streams: Streams) -> str | None:
+    """The name of a pod (of `ips`, name -> pod IP) whose vLLM shows requests in flight, seen while `streams`
+    are still streaming; None once they have ended. vLLM's gauges may trail the first token by a moment."""
+    with ThreadPoolExecutor(max(len(ips), 1)) as looks:  # all at once: one slow answer must not hide another
+        while streams.in_flight:
+            loads = dict(zip(ips, looks.map(vllm_load, ips.values()), strict=True))
+            busy = next((name for name, load in loads.items() if load > 0), None)
+            if busy is not None and streams.in_flight:
+                return busy
+    return None
 
 
 def vllm_load(ip: str | None) -> int:
