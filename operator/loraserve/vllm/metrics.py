@@ -22,6 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 LORA_INFO = "vllm:lora_requests_info"
+# The starts of the lines of the three families read here: samples, and their HELP and TYPE comments. vLLM's
+# /metrics is some 50 KB, mostly histograms: parsing all of it took 15 ms of CPU per replica at each autoscaler
+# look, these lines alone 0.5 ms.
+_READ_LINES = tuple(
+    f"{comment}{name}{after}"
+    for name in (RUNNING, WAITING, LORA_INFO)
+    for comment in ("", "# HELP ", "# TYPE ")
+    for after in "{ "
+)
 
 
 class MetricsParseError(ValueError):
@@ -63,7 +72,8 @@ def parse_metrics(text: str) -> VllmMetrics:
     lora_sample: dict[str, str] | None = None
     lora_time = float("-inf")
     try:
-        families: list[Metric] = list(text_string_to_metric_families(text))
+        read = "".join(f"{line}\n" for line in text.splitlines() if line.startswith(_READ_LINES))
+        families: list[Metric] = list(text_string_to_metric_families(read))
     except ValueError as e:
         raise MetricsParseError(f"not Prometheus text: {e}") from e
     for family in families:
