@@ -11,7 +11,8 @@ For each N in --sizes, on a fresh control plane (etcd, kube-apiserver, controlle
 127.0.0.1; fake GPU nodes from `loraserve.local.nodeagent`, which reports every bound pod Running and Ready
 with an IP from its node's podCIDR) it starts the real operator (`python -m loraserve.cli.main operator
 --standalone`) and the fake (one aiohttp server on 0.0.0.0 at the vLLM and fetcher ports; each replica's
-loaded adapters are kept per local address the connection came to). Then:
+loaded adapters are kept per local address the connection came to; its /metrics is a real vLLM's, captured,
+with nothing in flight). Then:
 
 1. baseline: the apiserver's own `apiserver_request_total` over --baseline seconds before any CR exists
    (control plane, node agent and the idle operator);
@@ -71,6 +72,20 @@ BASE_MODEL = "hf://org/tiny-llama"
 ADDONS_PER_DEPLOYMENT = 10
 PODS_PER_NODE = 100  # the agent's nodes allow 110 pods
 GOAL_RSS_MB, GOAL_CPU_PCT, GOAL_P99_S = 300.0, 5.0, 2.0
+VLLM_METRICS_CAPTURE = REPO_ROOT / "tests" / "unit" / "data" / "vllm_metrics.txt"
+
+
+def idle_vllm_metrics() -> str:
+    """A real vLLM's /metrics (the unit tests' capture, some 50 KB), with nothing in flight: the operator reads
+    and parses each replica's at its autoscaler looks, and that text's size is what the parse costs."""
+    lines = []
+    for line in VLLM_METRICS_CAPTURE.read_text().splitlines():
+        if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
+            line = line.rsplit(" ", 1)[0] + " 0.0"
+        elif line.startswith("vllm:lora_requests_info{") and 'running_lora_adapters=""' not in line:
+            continue  # a series with an adapter in flight
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 # -- the fake vLLM admin API and fetcher (a child process of its own) -------------------------------------
@@ -81,6 +96,7 @@ class FakeModelServers:
     def __init__(self) -> None:
         self.loaded: dict[str, set[str]] = {}
         self.counts: Counter[str] = Counter()
+        self.metrics_text = idle_vllm_metrics()
 
     @staticmethod
     def _replica(request: web.Request) -> str:
@@ -118,13 +134,7 @@ class FakeModelServers:
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._count(request, "GET /metrics")
-        text = (
-            "# TYPE vllm:num_requests_running gauge\n"
-            'vllm:num_requests_running{engine="0",model_name="base"} 0.0\n'
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            'vllm:num_requests_waiting{engine="0",model_name="base"} 0.0\n'
-        )
-        return web.Response(text=text, content_type="text/plain")
+        return web.Response(text=self.metrics_text, content_type="text/plain")
 
     async def health(self, request: web.Request) -> web.Response:
         self._count(request, "GET /health")
