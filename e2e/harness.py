@@ -278,7 +278,7 @@ class Product:
         env = self._env(container, ports, mounts)
         env["KUBECONFIG"] = str(kubeconfig)
         # The router is a process here, not a pod behind the Service the chart names: point at it directly.
-        env["LORASERVE_ROUTER_METRICS_URLS"] = self.router_url + "/metrics"
+        env["LORASERVE_ROUTER_LOAD_URLS"] = self.router_url + "/load"
         args = [_localize(a, ports, mounts) for a in container.get("args") or []]
         return ChartProcess(
             f"operator-{index}",

@@ -1,8 +1,9 @@
 """Automatic rollback of a LoraAddon: pure decisions, no Kubernetes or HTTP I/O.
 
 The rule (`spec.autoRollback`) compares each non-control version of an addon with the control version over a
-sliding window of the router's own counters (`loraserve_router_requests_total`, the TTFT and latency
-histograms, all labelled with the adapter `version`):
+sliding window of the router's own counters (requests by status code, and the TTFT and latency histograms, per
+adapter version: `loraserve_router_requests_total` and the two histograms in its metrics, read from its
+GET /load):
 
 - a version is judged once it has `minRequests` requests in the window;
 - error rate: 5xx answers / requests. It breaches when above `maxErrorRate` and above control's rate (when
@@ -21,20 +22,18 @@ Control is `autoRollback.control`, else the target with the largest weight (the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from loraserve.api.addon import LoraAddonSpec
+from loraserve.autoscale.signals import LoadBuckets, RouterLoad, VersionRow
 
-REQUESTS = "loraserve_router_requests_total"
-TTFT = "loraserve_router_time_to_first_token_seconds"
-LATENCY = "loraserve_router_request_duration_seconds"
+TTFT = "ttft"
+LATENCY = "latency"
 
-SeriesKey = tuple[str, str, str, str]  # (namespace, deployment, addon, version)
 Buckets = tuple[tuple[float, float], ...]  # (upper bound, cumulative count), ascending, +Inf last
 
 
@@ -65,37 +64,42 @@ def _bucket_delta(now: Buckets, base: Buckets) -> Buckets:
     return tuple((bound, count - before.get(bound, 0.0)) for bound, count in now)
 
 
-def parse_counters(texts: Iterable[str]) -> dict[SeriesKey, Counters]:
-    """The per-version counters in the /metrics text of every router replica (series without a version,
-    the base model's, are left out)."""
-    requests: dict[SeriesKey, float] = {}
-    errors: dict[SeriesKey, float] = {}
-    buckets: dict[str, dict[SeriesKey, dict[float, float]]] = {TTFT: {}, LATENCY: {}}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = sample.labels
-                version = labels.get("version", "")
-                if not version:
-                    continue
-                key = (labels.get("namespace", ""), labels.get("deployment", ""), labels.get("addon", ""), version)
-                if sample.name == REQUESTS:
-                    requests[key] = requests.get(key, 0.0) + sample.value
-                    if labels.get("code", "").startswith("5"):
-                        errors[key] = errors.get(key, 0.0) + sample.value
-                elif sample.name in (TTFT + "_bucket", LATENCY + "_bucket"):
-                    per = buckets[sample.name.removesuffix("_bucket")].setdefault(key, {})
-                    bound = float(labels["le"])
-                    per[bound] = per.get(bound, 0.0) + sample.value
-    keys = set(requests) | set(buckets[TTFT]) | set(buckets[LATENCY])
+AddonKey = tuple[str, str, str]  # (namespace, deployment, addon)
+VersionRows = list[tuple[LoadBuckets, VersionRow]]  # one addon's version rows, with their router's bucket bounds
+
+
+def versions_by_addon(loads: Iterable[RouterLoad]) -> dict[AddonKey, VersionRows]:
+    """The version rows of every router replica's GET /load, per addon (the base model's series have no
+    version and are not in it)."""
+    out: dict[AddonKey, VersionRows] = {}
+    for load in loads:
+        for row in load.versions:
+            out.setdefault(row[:3], []).append((load.buckets, row))
+    return out
+
+
+def version_counters(rows: VersionRows) -> dict[str, Counters]:
+    """One addon's counters per version label, summed over the router replicas."""
+    requests: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    buckets: dict[str, dict[str, dict[float, float]]] = {TTFT: {}, LATENCY: {}}
+    for bounds, (_, _, _, version, finished, failed, ttft, latency) in rows:
+        requests[version] = requests.get(version, 0.0) + finished
+        errors[version] = errors.get(version, 0.0) + failed
+        for name, upper, counts in ((TTFT, bounds.ttft, ttft), (LATENCY, bounds.latency, latency)):
+            per = buckets[name].setdefault(version, {})
+            cumulative = 0.0
+            for bound, count in zip((*upper, math.inf), counts, strict=False):
+                cumulative += count
+                per[bound] = per.get(bound, 0.0) + cumulative
     return {
-        key: Counters(
-            requests.get(key, 0.0),
-            errors.get(key, 0.0),
-            tuple(sorted(buckets[TTFT].get(key, {}).items())),
-            tuple(sorted(buckets[LATENCY].get(key, {}).items())),
+        version: Counters(
+            requests[version],
+            errors[version],
+            tuple(sorted(buckets[TTFT][version].items())),
+            tuple(sorted(buckets[LATENCY][version].items())),
         )
-        for key in keys
+        for version in requests
     }
 
 

@@ -17,8 +17,8 @@ from loraserve.resources.settings import ManifestSettings
 @dataclass(frozen=True)
 class AutoscalerSettings:
     tick: float = 2.0
-    router_metrics_urls: tuple[str, ...] = ()
-    router_service: str | None = None  # "name.namespace[:port]": scrape every ready router pod behind it
+    router_load_urls: tuple[str, ...] = ()  # each router replica's GET /load
+    router_service: str | None = None  # "name.namespace[:port]": read /load of every ready router pod behind it
     idle_delete_after: float = 7 * 86400.0
     # status.gpuSeconds when only the meter moved (the Prometheus counter is live): the whole idle API cost
     # of a Deployment with ready replicas, one status write per this long.
@@ -39,10 +39,15 @@ class OperatorSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         """Raises ValueError naming the variable and what it should be."""
         env = dict(os.environ) if env is None else dict(env)
-        urls = tuple(u for u in env.get("LORASERVE_ROUTER_METRICS_URLS", "").split(",") if u)
+        if env.get("LORASERVE_ROUTER_METRICS_URLS"):
+            raise ValueError(
+                "LORASERVE_ROUTER_METRICS_URLS: replaced by LORASERVE_ROUTER_LOAD_URLS, each router's /load "
+                "(the same host and port as its /metrics, e.g. http://router:9090/load)"
+            )
+        urls = tuple(u for u in env.get("LORASERVE_ROUTER_LOAD_URLS", "").split(",") if u)
         for url in urls:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"LORASERVE_ROUTER_METRICS_URLS: {url!r} is not an http(s) URL")
+                raise ValueError(f"LORASERVE_ROUTER_LOAD_URLS: {url!r} is not an http(s) URL")
         tick_text = env.get("LORASERVE_AUTOSCALE_TICK", "2")
         try:
             tick = float(tick_text)
@@ -64,7 +69,7 @@ class OperatorSettings:
             manifests=ManifestSettings.from_env(env),
             autoscaler=AutoscalerSettings(
                 tick=tick,
-                router_metrics_urls=urls,
+                router_load_urls=urls,
                 router_service=env.get("LORASERVE_ROUTER_METRICS_SERVICE") or None,
                 idle_delete_after=_window(env, "LORASERVE_IDLE_DELETE_AFTER", "168h"),
                 gpu_meter_every=gpu_meter_every,

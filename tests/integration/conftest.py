@@ -19,6 +19,7 @@ import yaml
 from e2e.harness import RUN_REGION, RUN_TOLERATION
 
 from loraserve.local.cluster import LocalCluster, free_port
+from loraserve.router.metrics import RouterMetrics
 from tests.fixtures.wait import wait_for
 
 __all__ = ["RUN_REGION", "RUN_TOLERATION", "apply", "get", "status", "wait_for"]
@@ -67,9 +68,7 @@ class Operator:
         env = {
             **self.cluster.env(),
             # The autoscaler reads the session's router (see the `router` fixture) every second.
-            "LORASERVE_ROUTER_METRICS_URLS": (
-                f"http://127.0.0.1:{ROUTER_PORT}/metrics,http://127.0.0.1:{LOAD_PORT}/metrics"
-            ),
+            "LORASERVE_ROUTER_LOAD_URLS": f"http://127.0.0.1:{ROUTER_PORT}/load,http://127.0.0.1:{LOAD_PORT}/load",
             "LORASERVE_AUTOSCALE_TICK": "1",
             # Serverless pools run on the run pool's node (when a test starts it) as small CPU vLLM servers,
             # and an unused pool goes after 20 s instead of 10 min.
@@ -132,7 +131,8 @@ LOAD_PORT = free_port()
 
 
 class LoadSource:
-    """A stand-in for a router replica's /metrics: the in-flight load a test sets, per deployment."""
+    """A stand-in for a router replica's GET /load: the in-flight load a test sets, per deployment (written by
+    the router's own metrics)."""
 
     def __init__(self) -> None:
         self.in_flight: dict[tuple[str, str], float] = {}
@@ -141,26 +141,22 @@ class LoadSource:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", LOAD_PORT), handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def text(self) -> str:
-        lines = ["# TYPE loraserve_router_requests_in_flight gauge"]
+    def body(self) -> bytes:
+        metrics = RouterMetrics()
         for (ns, name), value in self.in_flight.items():
-            lines.append(
-                f'loraserve_router_requests_in_flight{{namespace="{ns}",deployment="{name}",addon=""}} {value}'
-            )
-        lines.append("# TYPE loraserve_router_last_request_timestamp_seconds gauge")
+            metrics.series(ns, name, None).in_flight = int(value)
         for (ns, name), value in self.last_request.items():
-            labels = f'namespace="{ns}",deployment="{name}",addon=""'
-            lines.append(f"loraserve_router_last_request_timestamp_seconds{{{labels}}} {value}")
-        return "\n".join(lines) + "\n"
+            metrics.series(ns, name, None).last_request = value
+        return metrics.load()
 
     def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         source = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = source.text().encode()
+                body = source.body()
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

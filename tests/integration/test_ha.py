@@ -101,7 +101,7 @@ def test_standby_takes_over_without_redoing_or_undoing_anything(
             **cluster.env(),
             "KUBECONFIG": str(kubeconfig),
             "LORASERVE_PEERING_LIFETIME": chart_env["LORASERVE_PEERING_LIFETIME"],  # the chart's default
-            "LORASERVE_ROUTER_METRICS_URLS": f"http://127.0.0.1:{LOAD_PORT}/metrics",  # load the test sets
+            "LORASERVE_ROUTER_LOAD_URLS": f"http://127.0.0.1:{LOAD_PORT}/load",  # load the test sets
             "LORASERVE_AUTOSCALE_TICK": "1",
         }
         logs = [tmp_path / f"operator-{i}.log" for i in range(2)]

@@ -18,6 +18,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from loraserve.autoscale.signals import RouterLoad
 from loraserve.router.app import RouterApp
 from loraserve.router.auth import parse_keys
 from loraserve.router.gateway import Gateway, RouterConfig
@@ -381,9 +382,13 @@ async def test_metrics_on_a_port_of_their_own(backend: FakeBackend) -> None:
         status, _, answer = await exchange(app.metrics_port, b"GET /metrics HTTP/1.1\r\nconnection: close\r\n\r\n")
         assert status == 200
         assert b"loraserve_router_requests_in_flight" in answer
-        status, _, answer = await exchange(port, b"GET /metrics HTTP/1.1\r\nconnection: close\r\n\r\n")
-        assert status == 404
-        openai_error(answer)
+        status, _, answer = await exchange(app.metrics_port, b"GET /load HTTP/1.1\r\nconnection: close\r\n\r\n")
+        assert status == 200
+        assert RouterLoad.model_validate_json(answer).format == 1  # the operator's feed goes with the metrics
+        for path in (b"/metrics", b"/load"):
+            status, _, answer = await exchange(port, b"GET " + path + b" HTTP/1.1\r\nconnection: close\r\n\r\n")
+            assert status == 404
+            openai_error(answer)
         status, _, answer = await exchange(app.metrics_port, b"GET /v1/models HTTP/1.1\r\nconnection: close\r\n\r\n")
         assert status == 404  # nothing but metrics there
         openai_error(answer)

@@ -12,7 +12,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from loraserve.api.addon import LoraAddonSpec
-from loraserve.rollback import History, decide, parse_counters
+from loraserve.autoscale.signals import RouterLoad
+from loraserve.rollback import History, decide, version_counters, versions_by_addon
 from tests.router.fakes import FakeBackend
 from tests.router.harness import NS, Harness, addon, deployment, model_version, start_router
 
@@ -118,8 +119,8 @@ async def test_a_failing_version_is_rolled_back_from_the_routers_own_metrics(
     labels = {"bot-v1": "v1", "bot-v2": "v2"}
 
     def observe(at: float) -> dict[str, Any]:
-        counters = parse_counters([router.gateway.metrics.render().decode()])
-        history.add(at, {k[3]: c for k, c in counters.items() if k[:3] == (NS, "d", "bot")}, 300)
+        load = RouterLoad.model_validate_json(router.gateway.metrics.load(versions=True))
+        history.add(at, version_counters(versions_by_addon([load]).get((NS, "d", "bot"), [])), 300)
         return history.delta()
 
     observe(0.0)

@@ -21,7 +21,7 @@ def test_values_are_parsed() -> None:
     settings = OperatorSettings.from_env(
         {
             "LORASERVE_AUTOSCALE_TICK": "0.5",
-            "LORASERVE_ROUTER_METRICS_URLS": "http://r1:9090/metrics,http://r2:9090/metrics",
+            "LORASERVE_ROUTER_LOAD_URLS": "http://r1:9090/load,http://r2:9090/load",
             "LORASERVE_ADDON_IDLE_UNLOAD_AFTER": "90s",
             "LORASERVE_SERVERLESS_POOL_GC_AFTER": "1h",
             "LORASERVE_SERVERLESS_POOL_SPEC": '{"acceleratorType": "NVIDIA_L4"}',
@@ -30,7 +30,7 @@ def test_values_are_parsed() -> None:
     )
     assert settings.autoscaler.gpu_meter_every == 60
     assert settings.autoscaler.tick == 0.5
-    assert len(settings.autoscaler.router_metrics_urls) == 2
+    assert len(settings.autoscaler.router_load_urls) == 2
     assert settings.addon_idle_unload_after == 90
     assert settings.serverless_pool_gc_after == 3600
     assert settings.serverless_pool_spec["acceleratorType"] == "NVIDIA_L4"
@@ -41,7 +41,8 @@ def test_values_are_parsed() -> None:
     [
         ("LORASERVE_AUTOSCALE_TICK", "fast"),
         ("LORASERVE_AUTOSCALE_TICK", "0"),
-        ("LORASERVE_ROUTER_METRICS_URLS", "router:9090/metrics"),
+        ("LORASERVE_ROUTER_LOAD_URLS", "router:9090/load"),
+        ("LORASERVE_ROUTER_METRICS_URLS", "http://router:9090/metrics"),  # renamed: the start says to what
         ("LORASERVE_ADDON_IDLE_UNLOAD_AFTER", "a week"),
         ("LORASERVE_IDLE_DELETE_AFTER", "-1h"),
         ("LORASERVE_SERVERLESS_POOL_GC_AFTER", "10"),

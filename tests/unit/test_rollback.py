@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from loraserve.api.addon import LoraAddonSpec
-from loraserve.rollback import Counters, History, decide, evaluate, parse_counters, quantile
+from loraserve.autoscale.signals import RouterLoad
+from loraserve.rollback import Counters, History, decide, evaluate, quantile, version_counters, versions_by_addon
 from loraserve.router.metrics import RouterMetrics
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
@@ -33,22 +34,30 @@ def stats(requests: float, errors: float = 0, latency: tuple[float, ...] = ()) -
     return Counters(requests, errors, buckets, buckets)
 
 
-def test_counters_from_the_routers_own_metrics_summed_over_replicas() -> None:
-    texts = []
+def test_counters_from_the_routers_own_load_summed_over_replicas() -> None:
+    loads = []
     for _ in range(2):  # two router replicas
         m = RouterMetrics()
         for code in (200, 200, 503):
             m.series("ns", "d", "bot", "v2").finished(code)
         m.series("ns", "d", "bot", "v2").ttft.observe(0.3)
+        m.series("ns", "d", "bot", "v2").duration.observe(1.0)  # on a bound: in its bucket, as Prometheus' le
         m.series("ns", "d", "bot", "v1").finished(200)
         m.series("ns", "d", None).finished(500)  # the base model: no version, not judged
-        texts.append(m.render().decode())
-    counters = parse_counters(texts)
-    assert set(counters) == {("ns", "d", "bot", "v1"), ("ns", "d", "bot", "v2")}
-    v2 = counters[("ns", "d", "bot", "v2")]
+        m.series("ns", "d", "other", "v1").finished(500)
+        loads.append(RouterLoad.model_validate_json(m.load(versions=True)))
+    assert RouterLoad.model_validate_json(m.load()).versions == []  # asked for only while a rule reads them
+    rows = versions_by_addon(loads)
+    assert set(rows) == {("ns", "d", "bot"), ("ns", "d", "other")}
+    counters = version_counters(rows[("ns", "d", "bot")])
+    assert set(counters) == {"v1", "v2"}
+    v2 = counters["v2"]
     assert (v2.requests, v2.errors) == (6, 2)
     assert dict(v2.ttft)[0.5] == 2
     assert dict(v2.ttft)[0.25] == 0
+    assert dict(v2.ttft)[float("inf")] == 2
+    assert dict(v2.latency)[1.0] == 2
+    assert dict(v2.latency)[0.5] == 0
 
 
 def test_quantile_as_prometheus_interpolates() -> None:

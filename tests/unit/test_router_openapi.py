@@ -28,6 +28,7 @@ def test_document_describes_what_the_router_serves() -> None:
         "/v1/models",
         "/health",
         "/metrics",
+        "/load",
         "/openapi.json",
     }
     chat = doc["paths"]["/v1/chat/completions"]["post"]

@@ -31,6 +31,7 @@ from loraserve.handlers.deployment import kube, model_server_tokens, observed_po
 from loraserve.handlers.follow import Looks, resync_seconds
 from loraserve.handlers.load import (
     SCRAPE_LISTENERS,
+    VERSIONS_WANTED,
     latest_addon_signals,
     latest_version_counters,
     ready_replicas,
@@ -348,23 +349,23 @@ def _rollback(
     generation: int,
     previous: dict[str, Any],
     versions: dict[str, ModelVersionSpec],
-    counters: dict[rollback.SeriesKey, rollback.Counters],
-    key: tuple[str, str, str],
+    mine: dict[str, rollback.Counters] | None,
     memo: Any,
     now: datetime,
 ) -> rollback.Decision:
-    """Feed this round's router counters into the addon's window (kept in its Kopf memo), decide, and send
-    the Event when the rule fires or is re-armed."""
+    """Feed this round's router counters (`mine`: per version label; None: not read this round) into the
+    addon's window (kept in its Kopf memo), decide, and send the Event when the rule fires or is re-armed."""
     window = parse_window(spec.auto_rollback.window) if spec.auto_rollback else 0.0
-    mine = {k[3]: c for k, c in counters.items() if k[:3] == key}
     history: rollback.History = memo.setdefault("rollback", rollback.History())
-    history.add(now.timestamp(), mine, window)
+    if mine is not None:  # a round without them is no sample: read as zeros, the next would count all since
+        history.add(now.timestamp(), mine, window)
     labels = {name: v.version for name, v in versions.items()}
     rearm = (body.metadata.annotations or {}).get(REARM_ANNOTATION)
     decision = rollback.decide(spec, generation, rearm, previous.get("autoRollback"), labels, history.delta(), now)
     if decision.rearmed:
         memo["rollback"] = fresh = rollback.History()  # errors before the re-arm do not count again
-        fresh.add(now.timestamp(), mine, window)
+        if mine is not None:
+            fresh.add(now.timestamp(), mine, window)
         kopf.info(body, reason="RollbackRearmed", message=f"routing by the spec's weights again ({decision.status})")
     if decision.fired is not None and decision.status is not None:
         kopf.warn(body, reason="RolledBack", message=f"{decision.status['message']} at {decision.status['at']}")
@@ -417,10 +418,13 @@ async def reconcile_addon(
     # a request for an adapter no replica has, and reports it in flight, which wakes it here. The routers are
     # read every tick by one scraper for the whole operator (see load.scrape_routers), not by each look.
     demand = latest_addon_signals().get((namespace, deployment_name, name))
-    counters = latest_version_counters()
-    decision = _rollback(
-        body, spec, generation, previous, present, counters, (namespace, deployment_name, name), memo, now
-    )
+    counters: dict[str, rollback.Counters] | None = None
+    if spec.auto_rollback is None:
+        _with_rule.discard((namespace, name))
+    else:
+        _with_rule.add((namespace, name))  # the routers' per-version counters are read from the next scrape
+        counters = latest_version_counters((namespace, deployment_name, name))
+    decision = _rollback(body, spec, generation, previous, present, counters, memo, now)
     base.update(effectiveTargets=decision.effective, autoRollback=decision.status)
     if decision.status and decision.status.get("rolledBack"):
         # `kubectl get lora` shows the weights traffic really follows
@@ -626,6 +630,7 @@ class Followed:
         if _followed.get(key) is self:
             _place(key, self, None)
             del _followed[key]
+            _with_rule.discard(key)
         deployment_name = addon_deployment(self.body)
         try:
             if deployment_name:
@@ -851,6 +856,11 @@ def _wake_on_demand() -> None:
         ):
             followed.wake()
 
+
+# The followed addons with an automatic rollback rule: only while there is one are the routers asked for their
+# per-version counters (most of what they would send).
+_with_rule: set[tuple[str, str]] = set()
+VERSIONS_WANTED.append(lambda: bool(_with_rule))
 
 # lastRequestTime in status may lag the routers' by this much (it is written when the addon is looked at).
 LAST_REQUEST_STALE = 60.0

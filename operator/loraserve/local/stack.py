@@ -252,7 +252,7 @@ def serve(state_dir: Path, router_port: int, vllm_python: str) -> int:
             "loraserve.cli.main",
             "operator",
             "--standalone",
-            env={**cluster.env(), "LORASERVE_ROUTER_METRICS_URLS": f"{router}/metrics"},
+            env={**cluster.env(), "LORASERVE_ROUTER_LOAD_URLS": f"{router}/load"},
         )
         deadline = time.monotonic() + 120
         while not _healthy(f"{router}/health"):

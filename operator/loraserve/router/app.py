@@ -72,7 +72,7 @@ class RouterApp:
     kube: KubeClient | None = None
     limits: Limits | None = None
     budget: BodyBudget | None = None
-    metrics_port: int | None = None  # a port of its own for /metrics (0 picks one); None: the API port
+    metrics_port: int | None = None  # a port of its own for /metrics and /load (0 picks one); None: the API port
     server: Server | None = None
     metrics_server: Server | None = None
     port: int = 0
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=None,
-        help="serve GET /metrics on this port only, not on --port (default: on --port)",
+        help="serve GET /metrics and /load (the operator's feed) on this port only, not on --port (default: on --port)",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--kubeconfig", help="watch the cluster of this kubeconfig")

@@ -3,8 +3,9 @@
 POST /v1/completions and /v1/chat/completions: authenticate, parse the body, resolve `model` (pure:
 model_names), pick the adapter version (pure: balancer), rewrite `model` to the served name, pick a replica
 (pure: balancer) or hold the request until one is ready (hold), then stream the replica's response back as
-it arrives. GET /v1/models, /health, /metrics and /openapi.json answer from memory (/metrics can move to
-a port of its own: `serve_metrics=False` here and a `MetricsHandler` server there).
+it arrives. GET /v1/models, /health, /metrics, /load (the operator's feed) and /openapi.json answer from
+memory (/metrics and /load can move to a port of their own: `serve_metrics=False` here and a `MetricsHandler`
+server there).
 
 Failures, as a client sees them:
 - The body must be strict JSON (jsonbody): too deep or non-standard numbers are a 400, never a 500.
@@ -264,10 +265,12 @@ class Gateway:
             b"/v1/models": (b"GET", self._models),
             b"/health": (b"GET", self._health),
             b"/metrics": (b"GET", self._metrics),
+            b"/load": (b"GET", self._load),
             b"/openapi.json": (b"GET", self._openapi_doc),
         }
         if not self.config.serve_metrics:
             del self._routes[b"/metrics"]
+            del self._routes[b"/load"]
 
     def _count_wake(self, key: tuple[str, str]) -> None:
         self.metrics.wake(*key)
@@ -605,12 +608,21 @@ class Gateway:
     async def _metrics(self, request: Request, conn: Connection) -> None:
         conn.send(200, self.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
+    async def _load(self, request: Request, conn: Connection) -> None:
+        conn.send(200, self.metrics.load(versions=wants_versions(request)))
+
     async def _openapi_doc(self, request: Request, conn: Connection) -> None:
         conn.send(200, self._openapi)
 
 
+def wants_versions(request: Request) -> bool:
+    """GET /load?versions=1: with the per-version counters (the automatic rollback's input)."""
+    return b"versions=1" in request.query.split(b"&")
+
+
 class MetricsHandler:
-    """The metrics port: GET /metrics (and /health, for probes), nothing else."""
+    """The metrics port: GET /metrics, GET /load (the operator's feed of the same numbers) and /health (for
+    probes), nothing else."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -618,8 +630,10 @@ class MetricsHandler:
     async def handle(self, request: Request, conn: Connection) -> None:
         if request.path == b"/metrics" and request.method == b"GET":
             conn.send(200, self.gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+        elif request.path == b"/load" and request.method == b"GET":
+            conn.send(200, self.gateway.metrics.load(versions=wants_versions(request)))
         elif request.path == b"/health" and request.method == b"GET":
             conn.send(200, b'{"status":"ok"}')
         else:
-            err = RouterError(404, "Only GET /metrics and /health are served on this port", code="not_found")
+            err = RouterError(404, "Only GET /metrics, /load and /health are served on this port", code="not_found")
             conn.send(err.status, err.body())

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loraserve.autoscale.signals import RouterLoad
 from loraserve.router.errors import ERROR_TYPES
 
 MODEL_DESCRIPTION = (
@@ -198,6 +199,18 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/load": {
+                "get": {
+                    "operationId": "load",
+                    "summary": "The operator's feed: the load and rollback numbers of /metrics, as compact JSON",
+                    "responses": {
+                        "200": {
+                            "description": "Per addon and per adapter version, format 1",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RouterLoad"}}},
+                        }
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -221,6 +234,7 @@ def document() -> dict[str, Any]:
                 }
             },
             "schemas": {
+                **_load_schemas(),
                 "ChatCompletionRequest": _request_schema(
                     ["model", "messages"],
                     {
@@ -297,6 +311,12 @@ def document() -> dict[str, Any]:
             },
         },
     }
+
+
+def _load_schemas() -> dict[str, Any]:
+    """RouterLoad and what it refers to, from the model the operator reads /load with."""
+    schema = RouterLoad.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**schema.pop("$defs"), "RouterLoad": schema}
 
 
 def render() -> str:
