@@ -606,7 +606,7 @@ class Gateway:
             conn.send(503, b'{"status":"starting"}', headers=(("retry-after", "1"),))
 
     async def _metrics(self, request: Request, conn: Connection) -> None:
-        conn.send(200, self.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+        conn.send(200, await self.metrics.render_aside(), content_type=CONTENT_TYPE_LATEST)
 
     async def _load(self, request: Request, conn: Connection) -> None:
         conn.send(200, self.metrics.load(versions=wants_versions(request)))
@@ -629,7 +629,7 @@ class MetricsHandler:
 
     async def handle(self, request: Request, conn: Connection) -> None:
         if request.path == b"/metrics" and request.method == b"GET":
-            conn.send(200, self.gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+            conn.send(200, await self.gateway.metrics.render_aside(), content_type=CONTENT_TYPE_LATEST)
         elif request.path == b"/load" and request.method == b"GET":
             conn.send(200, self.gateway.metrics.load(versions=wants_versions(request)))
         elif request.path == b"/health" and request.method == b"GET":
