@@ -310,7 +310,11 @@ class DeploymentStatus(ApiModel):
     accelerator: str | None = Field(
         None, description="Accelerator type and count per replica, e.g. NVIDIA_A100_80GB x2."
     )
-    last_request_time: datetime | None = Field(None, description="Last request seen by the router (idle clocks).")
+    last_request_time: datetime | None = Field(
+        None,
+        description="Last request seen by the router (the idle clocks): while requests keep coming it is written "
+        "about once a minute, and to the second once they stop.",
+    )
     last_scale_time: datetime | None = Field(None, description="When replicas last changed.")
     scale_reason: str | None = Field(None, description="Why replicas last changed.")
     gpu_seconds: float | None = Field(None, description="Ready replicas x accelerators x seconds, accumulated.")
