@@ -112,10 +112,15 @@ def test_example_becomes_vllm_pods_and_ready(
     running = pods(cluster, ns, "llama-multi")
     assert len(running) == 2
     assert all(p["spec"]["nodeName"] == "gpu-a100-0" for p in running)
-    # EndpointSlices come from the real controller: the router reaches pods exactly as in a cluster.
-    slices = get(cluster, ns, "endpointslices", "-l", "kubernetes.io/service-name=llama-multi")["items"]
-    addresses = {a for s in slices for e in s.get("endpoints") or [] for a in e["addresses"]}
-    assert addresses == {p["status"]["podIP"] for p in running}
+    # EndpointSlices come from the real controller: the router reaches pods exactly as in a cluster. The
+    # controller follows the pods on its own schedule, so a slice may trail the CR's READY by a moment.
+    ips = {p["status"]["podIP"] for p in running}
+
+    def addresses() -> set[str]:
+        slices = get(cluster, ns, "endpointslices", "-l", "kubernetes.io/service-name=llama-multi")["items"]
+        return {a for s in slices for e in s.get("endpoints") or [] for a in e["addresses"]}
+
+    wait_for(lambda: addresses() == ips, timeout=30, message=lambda: f"slices {addresses()} of pods {ips}")
 
     # Events tell a person what happened.
     events = cluster.kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=llama-multi").stdout
