@@ -721,11 +721,14 @@ def print_size(r: dict[str, Any]) -> None:
     )
     for (verb, resource), rate in r["top"]:
         print(f"    {rate:8.2f}/s  {verb:6s} {resource}")
-    meter_every = OperatorSettings.from_env().autoscaler.gpu_meter_every
+    settings = OperatorSettings.from_env()
+    meter_every, resync_every = settings.autoscaler.gpu_meter_every, settings.resync_every
     shorter = "; the window is shorter than that" if r["idle_s"] < meter_every else ""
     print(
         f"    (by design: the GPU meter's status write, once per ready Deployment about every {meter_every:.0f} s, "
-        f"{r['n'] / meter_every:.2f}/s here on average{shorter})"
+        f"{r['n'] / meter_every:.2f}/s here on average{shorter}; and each Deployment's resync about every "
+        f"{resync_every:.0f} s, a GET of its child and its Service and a LIST of its pods, "
+        f"{r['n'] / resync_every:.2f}/s each)"
     )
     print(
         f"API calls per object while creating and converging (beyond baseline and our creates): "

@@ -34,6 +34,9 @@ class OperatorSettings:
     serverless_pool_spec: Mapping[str, Any] = field(default_factory=dict)
     model_server_key_file: str | None = None
     peering_lifetime: int = 10  # seconds (see loraserve.peering)
+    # The slow resync of an object nothing woke (spread +-20 %): it only heals what a lost watch event or a hand
+    # edit of an unwatched child (the Service) would leave behind, and asks each replica what it has loaded.
+    resync_every: float = 1800.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -58,6 +61,9 @@ class OperatorSettings:
         gpu_meter_every = _window(env, "LORASERVE_GPU_METER_INTERVAL", "5m")
         if gpu_meter_every < 10:
             raise ValueError("LORASERVE_GPU_METER_INTERVAL: at least 10s")
+        resync_every = _window(env, "LORASERVE_RESYNC_INTERVAL", "30m")
+        if resync_every < 60:
+            raise ValueError("LORASERVE_RESYNC_INTERVAL: at least 1m")
         pool_spec_text = env.get("LORASERVE_SERVERLESS_POOL_SPEC", "") or "{}"
         try:
             pool_spec = json.loads(pool_spec_text)
@@ -79,6 +85,7 @@ class OperatorSettings:
             serverless_pool_spec=pool_spec,
             model_server_key_file=env.get("LORASERVE_MODEL_SERVER_KEY_FILE") or None,
             peering_lifetime=peering.lifetime(env),
+            resync_every=resync_every,
         )
 
 

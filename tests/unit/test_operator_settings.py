@@ -15,6 +15,7 @@ def test_defaults() -> None:
     assert dict(settings.serverless_pool_spec) == {}
     assert settings.manifests.fetcher_port == 8001
     assert settings.autoscaler.gpu_meter_every == 300
+    assert settings.resync_every == 1800
 
 
 def test_values_are_parsed() -> None:
@@ -26,8 +27,10 @@ def test_values_are_parsed() -> None:
             "LORASERVE_SERVERLESS_POOL_GC_AFTER": "1h",
             "LORASERVE_SERVERLESS_POOL_SPEC": '{"acceleratorType": "NVIDIA_L4"}',
             "LORASERVE_GPU_METER_INTERVAL": "1m",
+            "LORASERVE_RESYNC_INTERVAL": "2h",
         }
     )
+    assert settings.resync_every == 7200
     assert settings.autoscaler.gpu_meter_every == 60
     assert settings.autoscaler.tick == 0.5
     assert len(settings.autoscaler.router_load_urls) == 2
@@ -50,6 +53,8 @@ def test_values_are_parsed() -> None:
         ("LORASERVE_SERVERLESS_POOL_SPEC", "[1, 2]"),
         ("LORASERVE_DRAIN_SECONDS", "soon"),
         ("LORASERVE_GPU_METER_INTERVAL", "1s"),
+        ("LORASERVE_RESYNC_INTERVAL", "30s"),
+        ("LORASERVE_RESYNC_INTERVAL", "often"),
     ],
 )
 def test_a_malformed_setting_names_its_variable(key: str, value: str) -> None:

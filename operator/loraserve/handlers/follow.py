@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import kopf
 
+from loraserve.settings import operator_settings
+
 LOG = logging.getLogger(__name__)
-# The slow resync of an object nothing woke: it only heals what a lost watch event would leave behind.
-RESYNC_SECONDS = 600.0
 
 
 def spread(seconds: float) -> float:
@@ -24,7 +24,8 @@ def spread(seconds: float) -> float:
 
 
 def resync_seconds() -> float:
-    return spread(RESYNC_SECONDS)
+    """Until the slow resync of an object nothing woke (`LORASERVE_RESYNC_INTERVAL`, spread)."""
+    return spread(operator_settings().resync_every)
 
 
 async def follow(stopped: kopf.DaemonStopped, looks: Sequence[Looks], grace: float) -> None:
