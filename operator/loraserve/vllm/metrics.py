@@ -24,7 +24,7 @@ WAITING = "vllm:num_requests_waiting"
 LORA_INFO = "vllm:lora_requests_info"
 # The starts of the lines of the three families read here: samples, and their HELP and TYPE comments. vLLM's
 # /metrics is some 50 KB, mostly histograms: parsing all of it took 15 ms of CPU per replica at each autoscaler
-# look, these lines alone 0.5 ms.
+# look, these lines alone 0.6 ms.
 _READ_LINES = tuple(
     f"{comment}{name}{after}"
     for name in (RUNNING, WAITING, LORA_INFO)
