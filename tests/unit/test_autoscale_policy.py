@@ -729,7 +729,8 @@ def test_idle_decisions_change_only_at_next_change(
     changes: list[tuple[int, int]], min_replicas: int, current: int
 ) -> None:
     """An idle Deployment is looked at only at `next_change`: between looks, with no load and no new sample,
-    `desired` must not move (else a scale-down or scale to zero would wait for the resync)."""
+    `desired` must not move (else a scale-down or scale to zero would wait for the resync). Also with the
+    deadlines left out that cannot move it (`current` known)."""
     policy = make(min_replicas=min_replicas, up=30, down=100, zero=300)
     schedule = sorted({T0 + t: load for t, load in changes}.items())
     ends = [t for t, _ in schedule[1:]] + [T0 + 2000]
@@ -740,13 +741,25 @@ def test_idle_decisions_change_only_at_next_change(
         look = start
         while look < end:
             decided = _what(policy.desired(look, current))
-            nxt = policy.next_change(look)
+            nxt = policy.next_change(look, current)
+            assert nxt is None or policy.next_change(look) is not None  # knowing `current` drops deadlines only
             until = min(nxt if nxt is not None else end, end)
             for t in range(int(look) + 1, math.ceil(until)):
                 assert _what(policy.desired(float(t), current)) == decided, (look, t, nxt)
             if nxt is None or nxt >= end:
                 break
             look = nxt
+
+
+def test_a_window_that_can_only_ask_for_the_current_count_is_no_deadline() -> None:
+    policy = make(min_replicas=1, max_replicas=4, up=30, down=600, zero=3600)
+    policy.observe(T0, 0.0)  # idle from creation: recommends 0, clamped to min 1
+    assert policy.next_change(T0) == T0 + 30  # the up window fills
+    assert policy.next_change(T0, current=1) is None  # at 1 whatever the windows hold: nothing to look at
+    assert policy.next_change(T0, current=2) == T0 + 30  # above what the load asks: the down window will act
+    policy.observe(T0 + 5, 20.0, 1)  # 3 replicas' worth: the up window decides at T0 + 35
+    assert policy.next_change(T0 + 5, current=1) == T0 + 30
+    assert policy.desired(T0 + 35, 1).replicas == 3
 
 
 def test_next_look_is_a_tick_while_busy_else_the_first_deadline_within_bounds() -> None:

@@ -289,18 +289,28 @@ class ScalingPolicy:
             return Decision(target, Reason.SCALE_DOWN, f"load asked for <= {down} through {s.scale_down_window:g}s")
         return Decision(base, reason, msg)
 
-    def next_change(self, now: float) -> float | None:
+    def next_change(self, now: float, current: int | None = None) -> float | None:
         """The earliest time after `now` at which :meth:`desired` may answer differently with no new sample:
         when a recommendation leaves the up or down window (or the history first fills one), or the zero
         window ends. None: nothing pending (only new load can change the answer). With load > 0 the caller
-        samples every tick anyway; this is for the quiet between events."""
+        samples every tick anyway; this is for the quiet between events.
+
+        With `current` (the replicas asked for now, as `desired` is asked): the windows are left out while every
+        recommendation in the history (clamped) is `current` itself: however the windows fill, they then ask for
+        `current`. (After a burst of creates, or a restart, that was a look per Deployment at
+        the end of each window, to decide nothing.)"""
         s = self.settings
-        times = [t + w for t, _ in self._samples for w in (s.scale_up_window, s.scale_down_window)]
+        times: list[float] = []
+        if current is None or not self._windows_hold(current):
+            times = [t + w for t, _ in self._samples for w in (s.scale_up_window, s.scale_down_window)]
         deadline = self.zero_deadline()
         if deadline is not None and self.last_request_time is not None:
             times.append(deadline)
         later = [t for t in times if t > now]
         return min(later) if later else None
+
+    def _windows_hold(self, current: int) -> bool:
+        return all(self.settings.clamp(rec) == current for _, rec in self._samples)
 
     # ---- persistence -----------------------------------------------------------------------------------
 

@@ -209,7 +209,7 @@ class Scaled:
             return None
         meter_due = self.last_written + self.meter_every if ips else None
         resync = max(RESYNC_SECONDS, self.meter_every)  # a meter period past the resync is one look, not two
-        return next_look(now, settings.tick, busy, (policy.next_change(now), gc_at, meter_due), resync)
+        return next_look(now, settings.tick, busy, (policy.next_change(now, current), gc_at, meter_due), resync)
 
     async def stopped(self) -> None:
         """Its Deployment's daemon ended (the looks have): nothing of it stays, and what the meter counted since
