@@ -609,7 +609,7 @@ class Gateway:
         conn.send(200, await self.metrics.render_aside(), content_type=CONTENT_TYPE_LATEST)
 
     async def _load(self, request: Request, conn: Connection) -> None:
-        conn.send(200, self.metrics.load(versions=wants_versions(request)))
+        conn.send(200, await self.metrics.load_aside(versions=wants_versions(request)))
 
     async def _openapi_doc(self, request: Request, conn: Connection) -> None:
         conn.send(200, self._openapi)
@@ -631,7 +631,7 @@ class MetricsHandler:
         if request.path == b"/metrics" and request.method == b"GET":
             conn.send(200, await self.gateway.metrics.render_aside(), content_type=CONTENT_TYPE_LATEST)
         elif request.path == b"/load" and request.method == b"GET":
-            conn.send(200, self.gateway.metrics.load(versions=wants_versions(request)))
+            conn.send(200, await self.gateway.metrics.load_aside(versions=wants_versions(request)))
         elif request.path == b"/health" and request.method == b"GET":
             conn.send(200, b'{"status":"ok"}')
         else:
